@@ -1,0 +1,500 @@
+"""The local metrics stack: node statsd -> carbon-cache (whisper) -> graphite-web.
+
+How to run::
+
+    python -m monitor.stack install   # venv + npm packages, from monitor/*.txt|json
+    python -m monitor.stack up        # start all three, wait until they answer
+    python -m monitor.stack status    # pids, ports, whether each one answers
+    python -m monitor.stack urls      # saved graph URLs for the main views
+    python -m monitor.stack down      # stop them (by pid, process group)
+
+Everything binds to 127.0.0.1 and lives under one directory (default
+``var/monitor``; ``--root`` or ``HONGBAO_MONITOR_DIR``): rendered configs in
+``conf/``, whisper files in ``storage/``, logs in ``log/``, pids and the
+ports in ``stack.json``. The Python side (carbon, whisper, graphite-web,
+gunicorn) has its own venv because graphite-web pins Django < 3.1; the
+statsd daemon comes from the npm registry into ``monitor/node_modules``.
+
+Each daemon runs in its own session, so its process group id is its pid and
+``down`` (or a test fixture) stops exactly the groups it started, never by
+name. A pid from ``stack.json`` is only signalled if its command line still
+names this stack's directory (pids get reused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+MONITOR_DIR = Path(__file__).resolve().parent
+PROJECT_DIR = MONITOR_DIR.parent
+TEMPLATES = MONITOR_DIR / "conf"
+DEFAULT_ROOT = PROJECT_DIR / "var" / "monitor"
+DEFAULT_VENV = DEFAULT_ROOT / "venv"
+NODE_DIR = MONITOR_DIR  # package.json + package-lock.json; node_modules/ beside them
+
+#: 1 s points for the length of a long test day, then 10 s for a week.
+DEFAULT_RETENTIONS = "1s:6h,10s:7d"
+START_TIMEOUT = 30.0  # seconds for all three daemons to answer (measured: ~1.5 s)
+STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL for one group
+COMPONENTS = ("carbon", "statsd", "web")  # start order; stopped in reverse
+
+
+@dataclass
+class Ports:
+    """Loopback ports; non-default (except statsd's) so a system Graphite can coexist.
+
+    Each one is overridable by ``--<name>`` or ``HONGBAO_MONITOR_<NAME>``.
+    """
+
+    statsd_port: int = 8125  # UDP, where app.metrics sends
+    statsd_admin_port: int = 8136  # TCP, statsd's management console ("health")
+    carbon_line_port: int = 2103  # TCP, plaintext protocol from statsd
+    carbon_pickle_port: int = 2104
+    carbon_query_port: int = 7102  # graphite-web's CARBONLINK_HOSTS
+    web_port: int = 8180  # graphite-web: /render, /dashboard
+
+    @classmethod
+    def from_env(cls) -> Ports:
+        ports = cls()
+        for f in fields(cls):
+            value = os.environ.get(f"HONGBAO_MONITOR_{f.name.upper()}")
+            if value:
+                setattr(ports, f.name, int(value))
+        return ports
+
+    def busy(self) -> list[str]:
+        """Names of the ports something already holds (a start would fail late)."""
+        taken = []
+        for f in fields(self):
+            kind = socket.SOCK_DGRAM if f.name == "statsd_port" else socket.SOCK_STREAM
+            with socket.socket(socket.AF_INET, kind) as s:
+                # as the daemons do: TIME_WAIT leftovers of a stopped stack don't count
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind(("127.0.0.1", getattr(self, f.name)))
+                except OSError:
+                    taken.append(f"{f.name}={getattr(self, f.name)}")
+        return taken
+
+    @classmethod
+    def free(cls) -> Ports:
+        """Ports nobody listens on now (tests: never collide with a running stack)."""
+        ports = cls()
+        for f in fields(cls):
+            kind = socket.SOCK_DGRAM if f.name == "statsd_port" else socket.SOCK_STREAM
+            with socket.socket(socket.AF_INET, kind) as s:
+                s.bind(("127.0.0.1", 0))
+                setattr(ports, f.name, s.getsockname()[1])
+        return ports
+
+
+@dataclass
+class Stack:
+    """One stack instance: where it lives, its ports, and the processes it runs."""
+
+    root: Path = DEFAULT_ROOT
+    venv: Path = DEFAULT_VENV
+    ports: Ports = field(default_factory=Ports)
+    retentions: str = DEFAULT_RETENTIONS
+    pids: dict[str, int] = field(default_factory=dict)
+    _procs: dict[str, subprocess.Popen] = field(default_factory=dict, repr=False)
+
+    # -- addresses other code needs ------------------------------------------------
+
+    @property
+    def statsd_address(self) -> str:
+        """What ``app.metrics.Metrics(prefix, address)`` takes."""
+        return f"127.0.0.1:{self.ports.statsd_port}"
+
+    @property
+    def graphite_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.web_port}"
+
+    @property
+    def state_file(self) -> Path:
+        return self.root / "stack.json"
+
+    # -- install -------------------------------------------------------------------
+
+    def install(self, quiet: bool = True) -> dict[str, float]:
+        """Create the venv and node_modules if missing or stale; return seconds spent.
+
+        Idempotent: a stamp holding the hash of the requirement file skips the work
+        on the next call, so ``up`` and the test fixture may always call it.
+        """
+        spent: dict[str, float] = {}
+        req = MONITOR_DIR / "requirements.txt"
+        stamp = self.venv / ".hongbao-installed"
+        digest = _digest(req)
+        if not (stamp.exists() and stamp.read_text() == digest):
+            t0 = time.monotonic()
+            if not (self.venv / "bin" / "python").exists():
+                _run([sys.executable, "-m", "venv", str(self.venv)])
+            env = dict(os.environ, GRAPHITE_NO_PREFIX="1")  # into the venv, not /opt
+            pip = [str(self.venv / "bin" / "pip"), "install", "--disable-pip-version-check"]
+            _run([*pip, *(["-q"] if quiet else []), "-r", str(req)], env=env)
+            stamp.write_text(digest)
+            spent["venv"] = time.monotonic() - t0
+        lock = NODE_DIR / "package-lock.json"
+        nstamp = NODE_DIR / "node_modules" / ".hongbao-installed"
+        ndigest = _digest(lock)
+        if not (nstamp.exists() and nstamp.read_text() == ndigest):
+            npm = shutil.which("npm")
+            if npm is None:
+                raise StackError("npm not found: install Node.js (Debian: nodejs npm)")
+            t0 = time.monotonic()
+            # Optional deps of statsd are syslog/hashring helpers we don't use;
+            # modern-syslog would need node-gyp.
+            _run([npm, "ci", "--omit=optional", "--ignore-scripts", "--no-audit", "--no-fund",
+                  *(["--loglevel=error"] if quiet else [])], cwd=NODE_DIR)
+            nstamp.write_text(ndigest)
+            spent["npm"] = time.monotonic() - t0
+        return spent
+
+    def installed(self) -> bool:
+        return (self.venv / ".hongbao-installed").exists() and (
+            NODE_DIR / "node_modules" / "statsd" / "stats.js"
+        ).exists()
+
+    # -- configuration ---------------------------------------------------------------
+
+    def write_configs(self) -> None:
+        """Render monitor/conf/* into root/conf with this stack's paths and ports."""
+        conf = self.root / "conf"
+        for sub in ("conf", "storage/whisper", "storage/lists", "log/webapp", "run"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        secret = conf / ".secret_key"
+        if not secret.exists():
+            secret.write_text(secrets.token_hex(32))
+        values = {
+            "root": str(self.root),
+            "retentions": self.retentions,
+            "secret_key": secret.read_text().strip(),
+            **{k: str(v) for k, v in asdict(self.ports).items()},
+        }
+        outputs = {
+            "carbon.conf.in": "carbon.conf",
+            "storage-schemas.conf.in": "storage-schemas.conf",
+            "storage-aggregation.conf": "storage-aggregation.conf",
+            "statsd.js.in": "statsd.js",
+            "graphite_settings.py.in": "hongbao_graphite_settings.py",
+        }
+        for src, dst in outputs.items():
+            (conf / dst).write_text(_render((TEMPLATES / src).read_text(), values))
+
+    def _env(self) -> dict[str, str]:
+        conf = self.root / "conf"
+        return dict(
+            os.environ,
+            GRAPHITE_ROOT=str(self.root),
+            GRAPHITE_CONF_DIR=str(conf),
+            GRAPHITE_STORAGE_DIR=str(self.root / "storage"),
+            GRAPHITE_SETTINGS_MODULE="hongbao_graphite_settings",
+            DJANGO_SETTINGS_MODULE="graphite.settings",
+            PYTHONPATH=str(conf),
+            PYTHONDONTWRITEBYTECODE="1",
+        )
+
+    def _commands(self) -> dict[str, list[str]]:
+        conf = self.root / "conf"
+        bin_ = self.venv / "bin"
+        node = shutil.which("node") or "node"
+        return {
+            "carbon": [str(bin_ / "python"), str(bin_ / "carbon-cache.py"),
+                       f"--config={conf / 'carbon.conf'}", "--nodaemon",
+                       f"--logdir={self.root / 'log'}",
+                       f"--pidfile={self.root / 'run' / 'carbon-cache-a.pid'}", "start"],
+            "statsd": [node, str(NODE_DIR / "node_modules" / "statsd" / "stats.js"),
+                       str(conf / "statsd.js")],
+            # gunicorn's master forks 2 workers: renders are CPU-bound, 2 cores.
+            "web": [str(bin_ / "gunicorn"), "--bind", f"127.0.0.1:{self.ports.web_port}",
+                    "--workers", "2", "--timeout", "30", "--graceful-timeout", "2",
+                    # gunicorn 27's control socket defaults to one path in $HOME
+                    # that a second stack (a test's) would take over.
+                    "--no-control-socket",
+                    "--pythonpath", str(conf), "--chdir", str(self.root),
+                    "graphite.wsgi:application"],
+        }
+
+    def migrate(self) -> None:
+        """Create graphite-web's sqlite database (dashboards, tags) once."""
+        if (self.root / "storage" / "graphite.db").exists():
+            return
+        _run([str(self.venv / "bin" / "django-admin"), "migrate", "--noinput", "-v", "0"],
+             env=self._env(), cwd=self.root)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def up(self, timeout: float = START_TIMEOUT) -> Stack:
+        """Install if needed, start the daemons, return once all three answer."""
+        self.install()
+        running = self.load_state()
+        if running is not None and running.alive():
+            raise StackError(f"already running under {self.root} (pids {running.pids})")
+        busy = self.ports.busy()
+        if busy:
+            raise StackError(f"ports in use on 127.0.0.1: {busy} (another stack? see --help)")
+        self.write_configs()
+        self.migrate()
+        deadline = time.monotonic() + timeout
+        try:
+            for name, argv in self._commands().items():
+                log = open(self.root / "log" / f"{name}.out", "ab")  # noqa: SIM115
+                with log:
+                    proc = subprocess.Popen(
+                        argv, cwd=self.root, env=self._env(), stdin=subprocess.DEVNULL,
+                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                self._procs[name] = proc
+                self.pids[name] = proc.pid
+                self.save_state()
+            self.wait_ready(deadline)
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def wait_ready(self, deadline: float) -> None:
+        pending = list(COMPONENTS)
+        while pending:
+            for name in list(pending):
+                proc = self._procs.get(name)
+                if proc is not None and proc.poll() is not None:
+                    raise StackError(f"{name} exited with {proc.returncode}; "
+                                     f"see {self.root / 'log' / (name + '.out')}\n"
+                                     + _tail(self.root / "log" / f"{name}.out"))
+                if self.probe(name):
+                    pending.remove(name)
+            if not pending:
+                time.sleep(0.2)  # a daemon that lost a bind race exits right after
+                dead = [n for n, p in self._procs.items() if p.poll() is not None]
+                if dead:
+                    raise StackError(f"exited after start: {dead}")
+                return
+            if time.monotonic() > deadline:
+                raise StackError(f"not answering after start: {pending}")
+            time.sleep(0.1)
+
+    def probe(self, name: str) -> bool:
+        """Does this component answer on its port right now?"""
+        try:
+            if name == "statsd":
+                with socket.create_connection(
+                        ("127.0.0.1", self.ports.statsd_admin_port), timeout=1) as s:
+                    s.sendall(b"health\n")
+                    return b"up" in s.recv(100)
+            if name == "carbon":
+                for port in (self.ports.carbon_line_port, self.ports.carbon_query_port):
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return True
+            if name == "web":
+                url = f"{self.graphite_url}/render?target=constantLine(1)&format=json&from=-1min"
+                with urllib.request.urlopen(url, timeout=5) as resp:
+                    return resp.status == 200
+        except (OSError, ValueError):
+            return False
+        raise ValueError(name)
+
+    def alive(self) -> bool:
+        return any(_ours(pid, self.root) for pid in self.pids.values())
+
+    def down(self) -> list[str]:
+        """Stop every group this stack started (SIGTERM, then SIGKILL); return names."""
+        stopped = []
+        for name in reversed(COMPONENTS):
+            pid = self.pids.get(name)
+            if pid is None:
+                continue
+            proc = self._procs.get(name)
+            if proc is not None or _ours(pid, self.root):
+                _stop_group(pid, proc)
+                stopped.append(name)
+            self.pids.pop(name, None)
+            self._procs.pop(name, None)
+        if self.state_file.exists():
+            self.state_file.unlink()
+        return stopped
+
+    # -- state file --------------------------------------------------------------------
+
+    def save_state(self) -> None:
+        state = {"root": str(self.root), "venv": str(self.venv), "ports": asdict(self.ports),
+                 "retentions": self.retentions, "pids": self.pids,
+                 "statsd": self.statsd_address, "graphite": self.graphite_url}
+        self.state_file.write_text(json.dumps(state, indent=1))
+
+    def load_state(self) -> Stack | None:
+        """The stack recorded in root/stack.json, or None."""
+        try:
+            state = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return Stack(root=Path(state["root"]), venv=Path(state["venv"]),
+                     ports=Ports(**state["ports"]), retentions=state["retentions"],
+                     pids={k: int(v) for k, v in state["pids"].items()})
+
+    def status(self) -> dict[str, dict[str, object]]:
+        return {name: {"pid": self.pids.get(name),
+                       "running": bool(self.pids.get(name)) and _ours(self.pids[name], self.root),
+                       "answers": self.probe(name)}
+                for name in COMPONENTS}
+
+    # -- reading -------------------------------------------------------------------------
+
+    def render_json(self, target: str, start: int, end: int) -> list[dict]:
+        """GET /render?format=json for one target over [start, end] (epoch seconds)."""
+        return fetch_series(self.graphite_url, target, start, end)
+
+
+def running_stack(root: Path | None = None) -> Stack | None:
+    """The stack started by ``up`` under root if it answers, else None.
+
+    For ``app.smoke``: use ``stack.statsd_address`` for Metrics and
+    ``stack.graphite_url`` for the report when this returns a stack.
+    """
+    root = Path(root or os.environ.get("HONGBAO_MONITOR_DIR") or DEFAULT_ROOT)
+    stack = Stack(root=root).load_state()
+    if stack is None or not stack.alive() or not stack.probe("statsd"):
+        return None
+    return stack
+
+
+def fetch_series(graphite_url: str, target: str, start: int, end: int,
+                 timeout: float = 10.0) -> list[dict]:
+    """Graphite's JSON for target: [{"target": name, "datapoints": [[v, ts], ...]}]."""
+    query = urllib.parse.urlencode({"target": target, "from": int(start), "until": int(end),
+                                    "format": "json"})
+    with urllib.request.urlopen(f"{graphite_url}/render?{query}", timeout=timeout) as resp:
+        return json.load(resp)
+
+
+class StackError(RuntimeError):
+    """The stack could not be installed, started or reached."""
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _render(text: str, values: dict[str, str]) -> str:
+    for key, value in values.items():
+        text = text.replace("{{" + key + "}}", value)
+    if "{{" in text:
+        raise StackError(f"unrendered placeholder in template: {text[text.index('{{'):][:40]}")
+    return text
+
+
+def _run(argv: list[str], **kw) -> None:
+    try:
+        subprocess.run(argv, check=True, stdin=subprocess.DEVNULL, timeout=600, **kw)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        raise StackError(f"{' '.join(argv[:3])} ...: {exc}") from exc
+
+
+def _ours(pid: int, root: Path) -> bool:
+    """Is pid alive and one of this stack's daemons (its command line names root)?"""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return str(root).encode() in cmdline
+
+
+def _stop_group(pgid: int, proc: subprocess.Popen | None) -> None:
+    """SIGTERM the group, wait up to STOP_TIMEOUT, then SIGKILL it; reap our child."""
+    for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, 2.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if proc is not None:
+                proc.poll()  # reap the leader so it does not linger as a zombie
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+    if proc is not None:
+        try:
+            proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: install | up | down | status | urls."""
+    from monitor import views
+
+    parser = argparse.ArgumentParser(prog="python -m monitor.stack", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["install", "up", "down", "status", "urls"])
+    parser.add_argument("--root", type=Path,
+                        default=Path(os.environ.get("HONGBAO_MONITOR_DIR") or DEFAULT_ROOT))
+    parser.add_argument("--venv", type=Path,
+                        default=Path(os.environ.get("HONGBAO_MONITOR_VENV") or DEFAULT_VENV))
+    parser.add_argument("--retentions", default=os.environ.get(
+        "HONGBAO_MONITOR_RETENTIONS", DEFAULT_RETENTIONS))
+    env_ports = Ports.from_env()
+    for f in fields(Ports):
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=int,
+                            default=getattr(env_ports, f.name))
+    args = parser.parse_args(argv)
+    ports = Ports(**{f.name: getattr(args, f.name) for f in fields(Ports)})
+    stack = Stack(root=args.root.resolve(), venv=args.venv.resolve(), ports=ports,
+                  retentions=args.retentions)
+    recorded = stack.load_state()
+    try:
+        if args.command == "install":
+            spent = stack.install(quiet=False)
+            print("installed" if spent else "already installed",
+                  ", ".join(f"{k} {v:.1f}s" for k, v in spent.items()))
+        elif args.command == "up":
+            t0 = time.monotonic()
+            stack.up()
+            print(f"up in {time.monotonic() - t0:.1f}s: statsd udp {stack.statsd_address}, "
+                  f"graphite {stack.graphite_url}, data {stack.root}")
+            print(f"dashboard: {stack.graphite_url}/dashboard/  "
+                  f"(`python -m monitor.stack urls` for the saved graphs)")
+        elif args.command == "down":
+            stopped = (recorded or stack).down()
+            print("stopped " + (", ".join(stopped) if stopped else "nothing"))
+        elif args.command == "status":
+            shown = recorded or stack
+            for name, st in shown.status().items():
+                print(f"{name:7} pid {st['pid']!s:8} running {st['running']!s:5} "
+                      f"answers {st['answers']}")
+            return 0 if all(st["answers"] for st in shown.status().values()) else 3
+        elif args.command == "urls":
+            shown = recorded or stack
+            for name, url in views.graphite_urls(shown.graphite_url).items():
+                print(f"{name}: {url}")
+    except StackError as exc:
+        print(f"monitor.stack: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

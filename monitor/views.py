@@ -1,0 +1,92 @@
+"""The main views of a load test, in one table: Graphite targets and run-record keys.
+
+Both the report (PNG from Graphite's JSON or from the run's own
+``seconds.jsonl``) and the saved graphite-web URLs (``python -m
+monitor.stack urls``) read this table, so a graph looks the same whichever
+source drew it. Graphite names follow statsd's new namespace:
+``stats.counters.<name>.count`` (events in that flush) and
+``stats.gauges.<name>``; the names under ``hongbao.`` are in README.rst
+"Metrics".
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from dataclasses import dataclass
+
+C = "stats.counters.hongbao"
+G = "stats.gauges.hongbao"
+
+
+@dataclass(frozen=True)
+class Series:
+    """One line: its label, its Graphite target, its key in seconds.jsonl."""
+
+    label: str
+    target: str
+    key: str | None = None  # None: Graphite only
+    subkey: str | None = None  # for dict-valued keys such as server_by_result
+
+
+@dataclass(frozen=True)
+class View:
+    name: str  # also the PNG's file name
+    title: str
+    ylabel: str
+    series: tuple[Series, ...]
+
+
+VIEWS: tuple[View, ...] = (
+    View("qps", "Client QPS vs server QPS", "requests per second", (
+        Series("client sent", f"sumSeries({C}.client.*.sent.count)", "client_sent"),
+        Series("client answered", f"sumSeries({C}.client.*.answered.count)",
+               "client_answered"),
+        Series("server shakes", f"sumSeries({C}.server.shakes.*.count)", "server_shakes"),
+        Series("target", "", "target_qps"),
+    )),
+    View("results", "Server shake results per second", "answers per second", (
+        Series("14 got an envelope", f"{C}.server.shakes.14.count", "server_by_result", "14"),
+        Series("15 none left", f"{C}.server.shakes.15.count", "server_by_result", "15"),
+        Series("16 refused", f"{C}.server.shakes.16.count", "server_by_result", "16"),
+        Series("17 overload", f"{C}.server.shakes.17.count", "server_by_result", "17"),
+    )),
+    View("connections", "Connections established", "connections", (
+        Series("server", f"sumSeries({G}.server.set.*.connections)", "connections"),
+        Series("clients", f"sumSeries({G}.client.*.p*.connections)"),
+    )),
+    View("envelopes", "Envelopes generated vs granted vs claimed", "envelopes per second", (
+        Series("generated", f"{C}.server.envelopes.generated.count", "envelopes_generated"),
+        Series("granted", f"{C}.server.envelopes.granted.count", "envelopes_granted"),
+        Series("group claimed", f"{C}.server.claims.granted.count", "group_claimed"),
+        Series("expired", f"{C}.server.envelopes.expired.count"),
+    )),
+    View("amounts", "Amounts generated vs granted", "amount per second", (
+        Series("generated", f"{C}.server.amount.generated.count", "amount_generated"),
+        Series("granted", f"{C}.server.amount.granted.count", "amount_granted"),
+        Series("expired", f"{C}.server.amount.expired.count"),
+    )),
+    View("network", "Network packets per second (all hosts, all interfaces)", "packets/s", (
+        Series("packets in", f"sumSeries({G}.net.*.*.packets_in)", "net_pps"),
+        Series("packets out", f"sumSeries({G}.net.*.*.packets_out)"),
+    )),
+    View("latency", "Client latency", "milliseconds", (
+        Series("p50", f"averageSeries({G}.client.*.p*.latency_p50_ms)", "latency_p50_ms"),
+        Series("p99", f"maxSeries({G}.client.*.p*.latency_p99_ms)", "latency_p99_ms"),
+    )),
+    View("server_health", "Server event-loop lag and GC pause (worst SET)", "milliseconds", (
+        Series("loop lag", f"maxSeries({G}.server.set.*.loop_lag_ms)"),
+        Series("GC pause", f"maxSeries({G}.server.set.*.gc_pause_ms)"),
+    )),
+)
+
+
+def graphite_urls(graphite_url: str, since: str = "-15min") -> dict[str, str]:
+    """Saved graphite-web render URLs (PNG) for each view, newest `since`."""
+    urls = {}
+    for view in VIEWS:
+        params: list[tuple[str, str]] = [
+            ("target", f"alias({s.target},'{s.label}')") for s in view.series if s.target]
+        params += [("from", since), ("title", view.title), ("vtitle", view.ylabel),
+                   ("width", "900"), ("height", "350"), ("tz", "UTC")]
+        urls[view.name] = f"{graphite_url}/render?{urllib.parse.urlencode(params)}"
+    return urls
