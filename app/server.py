@@ -1,0 +1,176 @@
+"""The hongbao server: a supervisor, its SETs, and the HTTP control API.
+
+Run it::
+
+    python -m app.server --port 1025 --control 127.0.0.1:8989 --sets auto
+    # or, installed: hongbao-server --sets 8 --journal-dir /var/lib/hongbao
+
+Once every SET is ready it prints one line on stdout,
+``hongbao-server listening port=<p> control=<host:port> sets=<S>``, which
+scripts and tests read to learn the ports chosen for ``--port 0``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import gevent
+
+from app import settings
+from app.httpapi import Api, HttpError, Request, now, serve
+from app.ledger import sum_ledgers
+from app.supervisor import Supervisor, share
+
+log = logging.getLogger("hongbao.server")
+
+RESULT_CODES = ("14", "15", "16", "17")
+READY_TIMEOUT = 60.0
+
+
+def merge_seconds(tables: list[dict[str, list[int]]], last: int, until: int) -> list[dict]:
+    """Sum per-SET per-second rows; keep the ``last`` complete seconds before ``until``."""
+    total: dict[int, list[int]] = {}
+    for table in tables:
+        for second, row in table.items():
+            s = int(second)
+            if s >= until:
+                continue
+            acc = total.setdefault(s, [0, 0, 0, 0])
+            for i, n in enumerate(row):
+                acc[i] += n
+    seconds = sorted(total)[-last:] if last else []
+    return [{"second": s, "shakes": sum(total[s]),
+             "by_result": dict(zip(RESULT_CODES, total[s], strict=True))} for s in seconds]
+
+
+def sum_counters(parts: list[dict]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for counters in parts:
+        for key, n in counters.items():
+            total[key] = total.get(key, 0) + n
+    return total
+
+
+def build_api(sup: Supervisor) -> Api:
+    config = sup.config
+    api = Api(token=config.token, allow=config.allow)
+
+    @api.route("/health")
+    def health(request: Request) -> dict:
+        failed = {h.set_id: h.failed for h in sup.handles if h.failed}
+        alive = sup.alive()
+        status = "stopping" if sup.stopping.is_set() else (
+            "ok" if alive == sup.sets else "degraded")
+        return {"status": status, "time": now(), "sets": sup.sets, "sets_alive": alive,
+                "failed": failed, "port": sup.port, "uptime": round(time.time() - sup.started, 3),
+                "restarts": sum(h.restarts for h in sup.handles)}
+
+    @api.route("/stats")
+    def stats(request: Request) -> dict:
+        last = request.int_param("seconds", default=60, maximum=300)
+        audit = request.int_param("audit", default=0, maximum=1)
+        answers = sup.ask_all(lambda k: {"op": "stats", "audit": bool(audit)})
+        up = [a for a in answers if a is not None]
+        until = int(time.time())
+        per_set = [
+            {"set": h.set_id, "up": a is not None, "restarts": h.restarts,
+             "failed": h.failed, **({k: a[k] for k in ("pid", "connections", "sockets",
+                                                        "ledger", "counters", "campaigns",
+                                                        "journal", "loop_lag_max_ms",
+                                                        "gc_pause_max_ms", "reactor",
+                                                        "budget_per_second")} if a else {})}
+            for h, a in zip(sup.handles, answers, strict=True)
+        ]
+        counters = sum_counters([a["counters"] for a in up])
+        ledger = sum_ledgers([a["ledger"] for a in up])
+        if len(up) < sup.sets:
+            ledger["complete"] = False  # a SET did not answer: the sum misses its part
+        return {
+            "time": now(),
+            "sets": sup.sets,
+            "sets_up": len(up),
+            "connections": sum(a["connections"] for a in up),
+            "per_second": merge_seconds([a["by_sent"] for a in up], last, until),
+            "per_second_arrival": merge_seconds([a["by_arrival"] for a in up], last, until),
+            "ledger": ledger,
+            "group": {
+                "created": ledger.get("groups_created", 0),
+                "pushed": counters.get("group.pushed", 0),
+                "claimed": ledger.get("claims_granted", 0),
+                "expired": counters.get("group.expired", 0),
+                "no_recipients": counters.get("group.no_recipients", 0),
+            },
+            "counters": counters,
+            "loop_lag_max_ms": max((a["loop_lag_max_ms"] for a in up), default=0.0),
+            "gc_pause_max_ms": max((a["gc_pause_max_ms"] for a in up), default=0.0),
+            "per_set": per_set,
+        }
+
+    def broadcast(op: str, fields: dict[str, int]) -> dict:
+        def request(k: int) -> dict:
+            return {"op": op, **{name: share(v, k, sup.sets) if name in ("rate", "sum") else v
+                                 for name, v in fields.items()}}
+
+        answers = sup.ask_all(request)
+        missing = [k for k, a in enumerate(answers) if not (a and a.get("ok"))]
+        if missing:
+            raise HttpError(503, f"SETs {missing} did not take the change (down?)")
+        return {"ok": True, **fields, "sets": sup.sets}
+
+    @api.route("/yaohongbao", mutating=True)
+    def yaohongbao(request: Request) -> dict:
+        qps = request.int_param("qps", maximum=10_000_000)
+        total = request.int_param("sum", maximum=2**40)
+        return broadcast("yao", {"rate": qps, "sum": total})
+
+    @api.route("/fahongbao", mutating=True)
+    def fahongbao(request: Request) -> dict:
+        qps = request.int_param("qps", maximum=1_000_000)
+        total = request.int_param("sum", maximum=2**40)
+        low = request.int_param("min", minimum=1)
+        high = request.int_param("max", minimum=1)
+        if low > high:
+            raise HttpError(400, f"min ({low}) must not exceed max ({high})")
+        return broadcast("fa", {"rate": qps, "sum": total, "min": low, "max": high})
+
+    return api
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = settings.parse("server", argv, description=__doc__.splitlines()[0])
+    logging.basicConfig(level=config.log_level.upper(),
+                        format="%(asctime)s supervisor %(levelname)s %(message)s")
+    sup = Supervisor(config)
+    try:
+        sup.start()
+    except OSError as exc:
+        log.error("cannot bind %s:%s: %s", config.host, config.port, exc)
+        return 2
+    try:
+        http = serve(build_api(sup), config.control)
+    except OSError as exc:
+        log.error("cannot bind control API %s:%s: %s", *config.control, exc)
+        sup.stop()
+        return 2
+    if not sup.wait_ready(READY_TIMEOUT):
+        log.error("not every SET became ready within %.0fs", READY_TIMEOUT)
+    host, port = http.address[:2]
+    print(f"hongbao-server listening port={sup.port} control={host}:{port} sets={sup.sets}",
+          flush=True)
+    sup.stopping.wait()
+    http.stop(timeout=1)
+    while not getattr(sup, "stopped", False):
+        gevent.sleep(0.05)
+    log.info("stopped")
+    return 0
+
+
+def run() -> Any:  # pragma: no cover - console script alias
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

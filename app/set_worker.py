@@ -1,0 +1,685 @@
+"""A SET: the worker process that owns every user with ``userid % sets == set_id``.
+
+State of the process, all here and nothing shared with other SETs (so no
+locks anywhere, and a crash touches only this SET's users):
+
+- ``conns``: fd -> Conn for every socket this SET holds (logged in or not);
+- ``users``: userid -> Conn of the logged-in users it owns;
+- ``ledger``: its envelopes and money, journaled to ``journal``;
+- per-second shake counts (by the client's sent second and by arrival),
+  the overload budget of the current second, counters for /stats and statsd.
+
+How a connection flows: any SET may accept it (SO_REUSEPORT spreads
+accepts); the accepting SET reads the LOGIN, and if the user belongs to
+another SET it passes the descriptor and the bytes read after the LOGIN to
+the owner's inbox (a Unix datagram socket, SCM_RIGHTS). The owner serves it
+for its lifetime. No greenlet per connection: every socket sits in the
+SET's epoll set (``app.reactor``) and frames are handled in batches by the
+reactor greenlet; answers are written once per batch, *after* the journal
+records of that batch are written.
+
+Run by the supervisor (``app.supervisor``), never by hand:
+``python -m app.set_worker --set-id K --sets S --port P --inbox FD
+--outboxes FD,... --control FD --config JSON``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import gc
+import json
+import logging
+import os
+import random
+import resource
+import signal
+import socket
+import struct
+import sys
+import time
+from collections import deque
+
+import gevent
+from gevent import socket as gsocket
+
+from app import protocol as p
+from app.journal import JournalCorrupt, JournalWriter, read_journal, write_snapshot
+from app.ledger import Ledger, LedgerError
+from app.metrics import Metrics
+from app.reactor import READ, READ_WRITE, WRITE, Reactor, close_fd, read_some, write_some
+
+log = logging.getLogger("hongbao.set")
+
+EXIT_BOOT_ERROR = 3  # the supervisor does not restart a SET that cannot boot
+
+MAX_ACCEPT = 256  # accepts per batch: bounded so a connect storm cannot starve frames
+MAX_OUTBUF = 64 * 1024  # a peer that does not read its answers is cut off past this
+READ_SIZE = 4096
+GEN_TICKS = 10  # envelope generation ticks per second
+SECONDS_KEPT = 300  # per-second history for /stats
+TIMESTAMP_SLACK = 60  # a frame timestamp further than this from our clock counts by arrival
+ACCEPT_PAUSE = 0.5  # seconds the listener rests after running out of descriptors
+
+HANDOFF = struct.Struct(">I")  # userid; then the bytes received after the LOGIN frame
+
+_LOGIN_SIZE = p.FRAME_SIZES[p.Command.LOGIN]
+_LOGIN_RESULT = p.LAYOUTS[p.Command.LOGIN_RESULT]
+_SHAKE_RESULT = p.LAYOUTS[p.Command.SHAKE_RESULT]
+_CLAIM_RESULT = p.LAYOUTS[p.Command.CLAIM_RESULT]
+_PUSH = p.LAYOUTS[p.Command.ENVELOPE_PUSH]
+_HEAD = struct.Struct(">HH")
+
+CODE_INDEX = {p.ShakeCode.GOT: 0, p.ShakeCode.NONE_LEFT: 1, p.ShakeCode.REFUSED: 2,
+              p.ShakeCode.OVERLOAD: 3}
+
+
+class Conn:
+    """One socket: 0 in ``userid`` until it has logged in here."""
+
+    __slots__ = ("fd", "userid", "inbuf", "out", "blocked")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.userid = 0
+        self.inbuf = b""
+        self.out = b""
+        self.blocked = False  # waiting for EPOLLOUT with ``out`` pending
+
+
+class SetWorker:
+    """One shard. The constructor touches nothing; ``init_process`` sets up."""
+
+    def __init__(self, set_id: int, sets: int, port: int, inbox_fd: int,
+                 outbox_fds: list[int], control_fd: int, config: dict) -> None:
+        self.set_id = set_id
+        self.sets = sets
+        self.port = port
+        self.inbox_fd = inbox_fd
+        self.outbox_fds = outbox_fds
+        self.control_fd = control_fd
+        self.config = config
+        self.conns: dict[int, Conn] = {}
+        self.users: dict[int, Conn] = {}
+        self.dirty: list[Conn] = []
+        self.pending_logins: deque[tuple[float, Conn]] = deque()
+        self.counters: dict[str, int] = {}
+        self.by_sent: dict[int, list[int]] = {}
+        self.by_arrival: dict[int, list[int]] = {}
+        self.budget = 0
+        self.budget_second = 0
+        self.budget_used = 0
+        self.stopping = False
+        self.loop_lag_max = 0.0
+        self.gc_pause_max = 0.0
+        self._gc_started = 0.0
+
+    # ------------------------------------------------------------ lifecycle
+    def init_process(self) -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor handles Ctrl-C
+        cfg = self.config
+        budget = cfg["shake_budget"]
+        self.budget = budget // self.sets + (1 if self.set_id < budget % self.sets else 0)
+        self.rng = random.Random()
+        self.metrics = Metrics("hongbao.server", cfg.get("statsd") or None)
+        self._open_journal()
+        self.listener = self._listen()
+        self.inbox = socket.socket(fileno=self.inbox_fd)
+        self.inbox.setblocking(False)
+        self.outboxes = [socket.socket(fileno=fd) for fd in self.outbox_fds]
+        for box in self.outboxes:
+            box.setblocking(False)
+        self.reactor = Reactor(self._dispatch, self._flush_writes)
+        self.reactor.register(self.listener.fileno(), READ)
+        self.reactor.register(self.inbox_fd, READ)
+        gc.callbacks.append(self._gc_callback)
+
+    def _open_journal(self) -> None:
+        directory = self.config["journal_dir"]
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f"set-{self.set_id:03d}.journal")
+        records, torn = read_journal(path)
+        if records:
+            kind, fields = records[0]
+            if kind != b"H" or fields[2] != self.set_id or fields[3] != self.sets:
+                raise JournalCorrupt(
+                    f"{path} was written by SET {fields[2] if kind == b'H' else '?'} of "
+                    f"{fields[3] if kind == b'H' else '?'}; this is SET {self.set_id} of "
+                    f"{self.sets}: use a fresh --journal-dir or the same --sets")
+        self.ledger = Ledger(self.set_id, self.sets)
+        self.ledger.replay(records)
+        self.replayed = {"records": len(records), "torn_bytes": torn}
+        if torn:
+            log.warning("SET %d: dropped a torn journal tail of %d bytes", self.set_id, torn)
+        # Compact: rewrite the journal as a snapshot of the state just rebuilt.
+        from app.journal import MAGIC, VERSION, encode_record
+
+        header = encode_record(b"H", MAGIC, VERSION, self.set_id, self.sets)
+        write_snapshot(path, [header, *self.ledger.snapshot_records()])
+        self.journal = JournalWriter(path)
+        self.ledger.journal = self.journal
+
+    def _listen(self) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        # Inherited by accepted sockets on Linux: answers are small and must
+        # not wait for Nagle + delayed ACK (40 ms).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((self.config["host"], self.port))
+        sock.listen(4096)
+        sock.setblocking(False)
+        return sock
+
+    def run(self) -> None:
+        self.init_process()
+        gevent.signal_handler(signal.SIGTERM, self.stop)
+        self.metrics.start()
+        greenlets = [
+            self.reactor.start(),
+            gevent.spawn(self._generate_loop),
+            gevent.spawn(self._housekeeping_loop),
+            gevent.spawn(self._control_loop),
+            gevent.spawn(self._lag_loop),
+        ]
+        log.info("SET %d/%d ready: %d users' journal replayed (%s)", self.set_id, self.sets,
+                 self.ledger.c["granted_count"], self.replayed)
+        try:
+            gevent.joinall(greenlets, raise_error=True, count=1)
+        finally:
+            self._shutdown()
+
+    def stop(self) -> None:
+        """SIGTERM: stop accepting, flush the journal, close every connection, exit."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.reactor.stop()
+
+    def _shutdown(self) -> None:
+        try:
+            self._flush_writes()
+            self.journal.sync()
+        finally:
+            self.listener.close()
+            for conn in list(self.conns.values()):
+                close_fd(conn.fd)
+            self.conns.clear()
+            self.users.clear()
+            self.metrics.stop()
+
+    # ------------------------------------------------------------- reactor
+    def _dispatch(self, events: list[tuple[int, int]]) -> None:
+        conns = self.conns
+        now = time.time()
+        second = int(now)
+        if second != self.budget_second:
+            self.budget_second, self.budget_used = second, 0
+        for fd, mask in events:
+            conn = conns.get(fd)
+            if conn is None:
+                if fd == self.inbox_fd:
+                    self._receive_handoffs()
+                elif fd == self.listener.fileno():
+                    self._accept(now)
+                continue
+            if mask & READ_WRITE == WRITE:
+                self._unblock(conn)
+                continue
+            data = read_some(fd, READ_SIZE)
+            if data is None:
+                self._close(conn, "peer_closed")
+                continue
+            if mask & WRITE and conn.blocked:
+                self._unblock(conn)
+            if data:
+                if conn.userid:
+                    self._on_frames(conn, conn.inbuf + data if conn.inbuf else data, second)
+                else:
+                    self._on_login(conn, conn.inbuf + data, second)
+
+    def _flush_writes(self) -> None:
+        """After every batch: journal first, then the answers that reveal it."""
+        self.journal.flush()
+        dirty, self.dirty = self.dirty, []
+        for conn in dirty:
+            if conn.blocked or self.conns.get(conn.fd) is not conn:
+                continue
+            rest = write_some(conn.fd, conn.out)
+            if rest is None:
+                self._close(conn, "peer_closed")
+            elif rest:
+                conn.out = rest
+                conn.blocked = True
+                self.reactor.modify(conn.fd, READ_WRITE)
+            else:
+                conn.out = b""
+
+    def _send(self, conn: Conn, data: bytes) -> None:
+        if not conn.out:
+            conn.out = data
+            if not conn.blocked:
+                self.dirty.append(conn)
+        elif len(conn.out) > MAX_OUTBUF:
+            self._close(conn, "slow_reader")
+        else:
+            conn.out += data
+
+    def _unblock(self, conn: Conn) -> None:
+        rest = write_some(conn.fd, conn.out)
+        if rest is None:
+            self._close(conn, "peer_closed")
+            return
+        conn.out = rest
+        if not rest:
+            conn.blocked = False
+            self.reactor.modify(conn.fd, READ)
+
+    def _close(self, conn: Conn, reason: str) -> None:
+        if self.conns.pop(conn.fd, None) is not conn:
+            return
+        self.reactor.unregister(conn.fd)
+        close_fd(conn.fd)
+        if conn.userid and self.users.get(conn.userid) is conn:
+            del self.users[conn.userid]
+        self._count("close." + reason)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    def _protocol_error(self, conn: Conn, reason: str) -> None:
+        self._count("protocol_errors")
+        self._count("protocol_error." + reason)
+        self.metrics.incr("protocol_errors")
+        self._close(conn, "protocol_error")
+
+    # ------------------------------------------------------- accept, login
+    def _accept(self, now: float) -> None:
+        deadline = now + self.config["login_timeout"]
+        accept = self.listener._accept  # (fd, addr) without a socket object
+        for _ in range(MAX_ACCEPT):
+            try:
+                fd, _addr = accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._count("accept_exhausted")
+                    self._pause_accept()
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                raise
+            os.set_blocking(fd, False)
+            conn = Conn(fd)
+            self.conns[fd] = conn
+            self.reactor.register(fd, READ)
+            self.pending_logins.append((deadline, conn))
+            self._count("accepted")
+
+    def _pause_accept(self) -> None:
+        """Out of descriptors: rest the listener instead of spinning on it."""
+        fd = self.listener.fileno()
+        self.reactor.unregister(fd)
+
+        def resume() -> None:
+            if not self.stopping:
+                self.reactor.register(fd, READ)
+
+        gevent.spawn_later(ACCEPT_PAUSE, resume)
+
+    def _on_login(self, conn: Conn, buf: bytes, second: int) -> None:
+        if len(buf) < 4:
+            conn.inbuf = buf
+            return
+        length, cmd = _HEAD.unpack_from(buf)
+        try:
+            p.check_header(length, cmd)
+        except p.ProtocolError as exc:
+            self._protocol_error(conn, exc.reason)
+            return
+        if cmd != p.Command.LOGIN:
+            self._protocol_error(conn, "login_first")
+            return
+        if len(buf) < _LOGIN_SIZE:
+            conn.inbuf = buf
+            return
+        (userid,) = HANDOFF.unpack_from(buf, 12)
+        rest = buf[_LOGIN_SIZE:]
+        conn.inbuf = b""
+        if userid == 0:
+            self._send(conn, _LOGIN_RESULT.pack(20, 1, second, 0, p.LoginCode.BAD_USERID))
+            self._flush_writes()
+            self._close(conn, "bad_login")
+            return
+        owner = userid % self.sets
+        if owner != self.set_id:
+            self._hand_off(conn, owner, userid, rest)
+            return
+        self._logged_in(conn, userid, second)
+        if rest and self.conns.get(conn.fd) is conn:
+            self._on_frames(conn, rest, second)
+
+    def _hand_off(self, conn: Conn, owner: int, userid: int, rest: bytes) -> None:
+        self.conns.pop(conn.fd, None)
+        self.reactor.unregister(conn.fd)
+        try:
+            socket.send_fds(self.outboxes[owner], [HANDOFF.pack(userid) + rest], [conn.fd])
+            self._count("handoff.sent")
+        except OSError as exc:  # owner's inbox full or gone: the client reconnects
+            self._count("handoff.failed")
+            log.debug("hand-off of %d to SET %d failed: %s", userid, owner, exc)
+        close_fd(conn.fd)
+
+    def _receive_handoffs(self) -> None:
+        second = int(time.time())
+        for _ in range(MAX_ACCEPT):
+            try:
+                msg, fds, _flags, _addr = socket.recv_fds(self.inbox, 1024, 4)
+            except BlockingIOError:
+                return
+            if len(fds) != 1 or len(msg) < HANDOFF.size:
+                for fd in fds:
+                    close_fd(fd)
+                self._count("handoff.bad")
+                continue
+            (userid,) = HANDOFF.unpack_from(msg)
+            conn = Conn(fds[0])
+            os.set_blocking(conn.fd, False)
+            self.conns[conn.fd] = conn
+            self.reactor.register(conn.fd, READ)
+            self._count("handoff.received")
+            if userid % self.sets != self.set_id:
+                self._send(conn, _LOGIN_RESULT.pack(20, 1, second, userid, p.LoginCode.WRONG_SET))
+                self._flush_writes()
+                self._close(conn, "wrong_set")
+                continue
+            self._logged_in(conn, userid, second)
+            if len(msg) > HANDOFF.size:
+                self._on_frames(conn, msg[HANDOFF.size:], second)
+
+    def _logged_in(self, conn: Conn, userid: int, second: int) -> None:
+        old = self.users.get(userid)
+        if old is not None and old is not conn:
+            self._close(old, "replaced")
+        conn.userid = userid
+        self.users[userid] = conn
+        self._count("logins")
+        self.metrics.incr("logins")
+        self._send(conn, _LOGIN_RESULT.pack(20, 1, second, userid, p.LoginCode.OK))
+
+    # --------------------------------------------------------------- frames
+    def _on_frames(self, conn: Conn, buf: bytes, second: int) -> None:
+        try:
+            frames, conn.inbuf = p.decode_frames(buf)
+        except p.ProtocolError as exc:
+            self._protocol_error(conn, exc.reason)
+            return
+        for frame in frames:
+            cmd = frame.command
+            if cmd == p.Command.SHAKE:
+                self._shake(conn, frame.userid, frame.timestamp, second)
+            elif cmd == p.Command.CLAIM:
+                self._claim(conn, frame, second)
+            elif cmd == p.Command.LOGIN:
+                self._protocol_error(conn, "login_twice")
+                return
+            else:
+                self._protocol_error(conn, "direction")
+                return
+
+    def _shake(self, conn: Conn, userid: int, sent: int, second: int) -> None:
+        eid = amount = 0
+        if userid and userid != conn.userid:
+            code = p.ShakeCode.REFUSED
+        else:
+            self.budget_used += 1
+            if self.budget_used > self.budget:
+                code = p.ShakeCode.OVERLOAD
+            else:
+                got = self.ledger.take(conn.userid)
+                if got is None:
+                    code = p.ShakeCode.NONE_LEFT
+                else:
+                    code = p.ShakeCode.GOT
+                    eid, amount = got
+                    self.metrics.incr("envelopes.granted")
+                    self.metrics.incr("amount.granted", amount)
+        index = CODE_INDEX[code]
+        if abs(sent - second) > TIMESTAMP_SLACK:
+            sent = second
+        row = self.by_sent.get(sent)
+        if row is None:
+            row = self.by_sent[sent] = [0, 0, 0, 0]
+        row[index] += 1
+        row = self.by_arrival.get(second)
+        if row is None:
+            row = self.by_arrival[second] = [0, 0, 0, 0]
+        row[index] += 1
+        self.metrics.incr(SHAKE_METRIC[index])
+        self._send(conn, _SHAKE_RESULT.pack(28, 3, second, conn.userid, code, eid, amount))
+
+    def _claim(self, conn: Conn, frame: p.Claim, second: int) -> None:
+        amount = 0
+        if frame.userid in (0, conn.userid):
+            amount = self.ledger.claim(frame.envelope_id, conn.userid)
+        if amount:
+            self._count("claims.granted")
+            self.metrics.incr("claims.granted")
+            self.metrics.incr("amount.granted", amount)
+        else:
+            self._count("claims.refused")
+            self.metrics.incr("claims.refused")
+        self._send(conn, _CLAIM_RESULT.pack(20, 6, second, frame.envelope_id, amount))
+
+    # ----------------------------------------------------------- envelopes
+    def _generate_loop(self) -> None:
+        """Shake and group envelopes, in ticks aligned to the wall clock."""
+        while True:
+            now = time.time()
+            tick = int(now * GEN_TICKS) + 1
+            gevent.sleep(max(0.0, tick / GEN_TICKS - now))
+            index = tick % GEN_TICKS
+            self._generate_shake(index)
+            self._generate_groups(index)
+            self._flush_writes()
+
+    @staticmethod
+    def _tick_share(rate: int, index: int) -> int:
+        """Envelopes due in tick ``index`` so each second gets exactly ``rate``."""
+        return rate * (index + 1) // GEN_TICKS - rate * index // GEN_TICKS
+
+    def _generate_shake(self, index: int) -> None:
+        yao = self.ledger.yao
+        n = min(self._tick_share(yao.rate, index), yao.remaining)
+        lo, hi = self.config["amount_min"], self.config["amount_max"]
+        for _ in range(n):
+            amount = self.rng.randint(lo, hi)
+            self.ledger.generate(amount)
+            self.metrics.incr("envelopes.generated")
+            self.metrics.incr("amount.generated", amount)
+
+    def _generate_groups(self, index: int) -> None:
+        fa = self.ledger.fa
+        n = min(self._tick_share(fa.rate, index), fa.remaining)
+        if not n:
+            return
+        ttl = self.config["claim_ttl"]
+        lo, hi = self.config["group_amount_min"], self.config["group_amount_max"]
+        second = int(time.time())
+        for _ in range(n):
+            recipients = self._pick_recipients(fa.low, fa.high)
+            if recipients is None:
+                self._count("group.no_recipients")
+                return
+            total = self.rng.randint(max(lo, 3), max(hi, 3))
+            a, b = sorted(self.rng.sample(range(1, total), 2))
+            shares = (a, b - a, total - b)
+            eid = self.ledger.create_group(recipients, shares, int(time.time() + ttl))
+            self.metrics.incr("group.created")
+            self.metrics.incr("envelopes.generated", 3)
+            self.metrics.incr("amount.generated", total)
+            for userid, share in zip(recipients, shares, strict=True):
+                conn = self.users.get(userid)
+                if conn is not None:
+                    self._send(conn, _PUSH.pack(36, 4, second, eid, share, 3, *recipients))
+                    self._count("group.pushed")
+                    self.metrics.incr("group.pushed")
+
+    def _pick_recipients(self, low: int, high: int) -> tuple[int, int, int] | None:
+        """Three distinct online users of this SET with userid in [low, high]."""
+        first = low + (self.set_id - low) % self.sets
+        if first > high:
+            return None
+        slots = (high - first) // self.sets + 1
+        if slots < 3:
+            return None
+        chosen: list[int] = []
+        for _ in range(64):
+            userid = first + self.rng.randrange(slots) * self.sets
+            if userid not in chosen and userid in self.users:
+                chosen.append(userid)
+                if len(chosen) == 3:
+                    return chosen[0], chosen[1], chosen[2]
+        return None
+
+    # ---------------------------------------------------------- housekeeping
+    def _housekeeping_loop(self) -> None:
+        """Once a second: login timeouts, share expiry, fsync, history, gauges."""
+        while True:
+            gevent.sleep(1.0 - time.time() % 1.0 + 0.005)
+            now = time.time()
+            pending = self.pending_logins
+            while pending and pending[0][0] <= now:
+                _, conn = pending.popleft()
+                if not conn.userid and self.conns.get(conn.fd) is conn:
+                    self._close(conn, "login_timeout")
+            expired = self.ledger.expire_due(now)
+            if expired:
+                self._count("group.expired", len(expired))
+                self.metrics.incr("envelopes.expired", len(expired))
+            self._flush_writes()
+            self.journal.sync()
+            horizon = int(now) - SECONDS_KEPT
+            for table in (self.by_sent, self.by_arrival):
+                for old in [s for s in table if s < horizon]:
+                    del table[old]
+            k = self.set_id
+            self.metrics.gauge(f"set.{k}.connections", len(self.users))
+            self.metrics.gauge(f"set.{k}.loop_lag_ms", round(self.loop_lag_max * 1000, 3))
+            self.metrics.gauge(f"set.{k}.gc_pause_ms", round(self.gc_pause_max * 1000, 3))
+            self.loop_lag_max = self.gc_pause_max = 0.0
+
+    def _lag_loop(self) -> None:
+        """Event-loop lag: how late a 50 ms sleep wakes up (the max per second is kept)."""
+        while True:
+            start = time.perf_counter()
+            gevent.sleep(0.05)
+            lag = time.perf_counter() - start - 0.05
+            if lag > self.loop_lag_max:
+                self.loop_lag_max = lag
+                self.lag_ever = max(getattr(self, "lag_ever", 0.0), lag)
+
+    def _gc_callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self._gc_started:
+            pause = time.perf_counter() - self._gc_started
+            self.gc_pause_max = max(self.gc_pause_max, pause)
+            self.gc_pause_ever = max(getattr(self, "gc_pause_ever", 0.0), pause)
+
+    # --------------------------------------------------------------- control
+    def _control_loop(self) -> None:
+        """Line-delimited JSON requests from the supervisor, answered in order."""
+        sock = gsocket.socket(fileno=self.control_fd)
+        reader = sock.makefile("rb")
+        while True:
+            line = reader.readline()
+            if not line:
+                log.info("SET %d: supervisor gone; stopping", self.set_id)
+                self.stop()
+                return
+            try:
+                request = json.loads(line)
+                answer = self.handle_control(request)
+            except (ValueError, KeyError, TypeError) as exc:
+                answer = {"error": f"bad control request: {exc}"}
+            sock.sendall(json.dumps(answer, separators=(",", ":")).encode() + b"\n")
+
+    def handle_control(self, request: dict) -> dict:
+        op = request["op"]
+        if op == "ping":
+            return {"ok": True, "set": self.set_id, "pid": os.getpid()}
+        if op == "stats":
+            return self.stats(request.get("audit", False))
+        if op == "yao":
+            self.ledger.set_yao(int(request["rate"]), int(request["sum"]))
+            self._flush_writes()
+            return {"ok": True}
+        if op == "fa":
+            self.ledger.set_fa(int(request["rate"]), int(request["sum"]),
+                               int(request["min"]), int(request["max"]))
+            self._flush_writes()
+            return {"ok": True}
+        raise ValueError(f"unknown op {op!r}")
+
+    def stats(self, audit: bool = False) -> dict:
+        def rows(table: dict[int, list[int]]) -> dict[str, list[int]]:
+            return {str(s): v for s, v in table.items()}
+
+        ledger = self.ledger.audit() if audit else self.ledger.totals()
+        return {
+            "set": self.set_id,
+            "pid": os.getpid(),
+            "connections": len(self.users),
+            "sockets": len(self.conns),
+            "counters": dict(self.counters),
+            "by_sent": rows(self.by_sent),
+            "by_arrival": rows(self.by_arrival),
+            "ledger": ledger,
+            "campaigns": {"yao": vars(self.ledger.yao), "fa": vars(self.ledger.fa)},
+            "budget_per_second": self.budget,
+            "journal": {"records": self.journal.records, "bytes": self.journal.bytes,
+                        "replayed": self.replayed},
+            "loop_lag_max_ms": round(getattr(self, "lag_ever", 0.0) * 1000, 3),
+            "gc_pause_max_ms": round(getattr(self, "gc_pause_ever", 0.0) * 1000, 3),
+            "reactor": {"batches": self.reactor.batches, "events": self.reactor.events},
+        }
+
+
+SHAKE_METRIC = ("shakes.14", "shakes.15", "shakes.16", "shakes.17")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="one hongbao SET (started by the supervisor)")
+    parser.add_argument("--set-id", type=int, required=True)
+    parser.add_argument("--sets", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--inbox", type=int, required=True)
+    parser.add_argument("--outboxes", required=True)
+    parser.add_argument("--control", type=int, required=True)
+    parser.add_argument("--config", required=True, help="JSON of the server settings")
+    args = parser.parse_args(argv)
+    config = json.loads(args.config)
+    logging.basicConfig(level=config.get("log_level", "info").upper(),
+                        format=f"%(asctime)s set-{args.set_id} %(levelname)s %(message)s")
+    worker = SetWorker(args.set_id, args.sets, args.port, args.inbox,
+                       [int(fd) for fd in args.outboxes.split(",")], args.control, config)
+    try:
+        worker.run()
+    except (JournalCorrupt, LedgerError) as exc:
+        log.error("SET %d cannot boot: %s", args.set_id, exc)
+        return EXIT_BOOT_ERROR
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            log.error("SET %d cannot listen: %s", args.set_id, exc)
+            return EXIT_BOOT_ERROR
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
