@@ -7,6 +7,17 @@ datagrams by the ``statsd`` package's pipeline). Sending never raises into
 the serving code: a daemon that is down or unreachable costs nothing but
 the lost datagrams.
 
+When: statsd (monitor/conf/statsd.js) flushes on whole seconds and stamps
+each flush with its second. A process flushing right after the whole second
+would race it: a statsd flush late by 10 ms moves a whole second of counts
+into the neighbouring point. So every process flushes at the half second,
+500 ms from statsd's flush either way; the point stamped t holds the events
+of [t-1.5, t-0.5), which the report shifts back by one second.
+
+Gauges that summarise the last second (loop lag, GC pause, packets/s) are
+computed by collectors (``add_collector``, see app.sysmetrics) that run
+right before each flush.
+
 Names (all under ``hongbao.``) are documented in README.rst, section
 "Metrics". Counters are summed by statsd across processes, so every SET or
 client process sends the same counter names; gauges would overwrite each
@@ -16,8 +27,10 @@ other, so gauge names carry the process's own id (``set.3``, ``p0``).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import gevent
 import statsd
@@ -25,6 +38,7 @@ import statsd
 log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL = 1.0  # seconds; Graphite stores 1 s points, so one flush per point
+FLUSH_PHASE = 0.5  # seconds after the whole second: farthest from statsd's own flush
 
 
 class Metrics:
@@ -36,6 +50,7 @@ class Metrics:
         self.gauges: dict[str, float] = {}
         self._client: statsd.StatsClient | None = None
         self._greenlet: gevent.Greenlet | None = None
+        self._collectors: list[Callable[[Metrics], None]] = []
         if address:
             host, _, port = address.rpartition(":")
             try:
@@ -53,6 +68,14 @@ class Metrics:
     def gauge(self, name: str, value: float) -> None:
         self.gauges[name] = value
 
+    def add_collector(self, collect: Callable[[Metrics], None]) -> None:
+        """Call collect(self) before every flush, to set the gauges of the last second."""
+        self._collectors.append(collect)
+
+    def remove_collector(self, collect: Callable[[Metrics], None]) -> None:
+        if collect in self._collectors:
+            self._collectors.remove(collect)
+
     def start(self) -> None:
         """Start the once-a-second flusher (no-op without a statsd address)."""
         if self._client is not None and self._greenlet is None:
@@ -65,15 +88,23 @@ class Metrics:
         self.flush()
 
     def _run(self) -> None:
-        # Flush just after each wall-clock second so points land in the right
-        # Graphite second on every host (clocks are NTP-synced).
+        # Flush at the half second of the wall clock (NTP-synced on every
+        # host), so each flush lands in exactly one statsd flush; see above.
+        target = _next_phase(time.time())
         while True:
-            now = time.time()
-            gevent.sleep(FLUSH_INTERVAL - (now % FLUSH_INTERVAL) + 0.01)
+            gevent.sleep(max(0.0, target - time.time()))
             self.flush()
+            target += FLUSH_INTERVAL
+            if target < time.time():  # stalled past a whole flush: realign
+                target = _next_phase(time.time())
 
     def flush(self) -> None:
         """Send what accumulated since the last flush; never raises."""
+        for collect in list(self._collectors):
+            try:
+                collect(self)
+            except Exception:  # a broken collector must not stop the counters
+                log.exception("metrics collector %r failed", collect)
         if self._client is None:
             self.counters.clear()
             return
@@ -89,3 +120,8 @@ class Metrics:
             pipe.send()
         except OSError as exc:
             log.debug("statsd send failed: %s", exc)
+
+
+def _next_phase(now: float) -> float:
+    """The first wall-clock time after now that is FLUSH_PHASE past a whole interval."""
+    return (math.floor((now - FLUSH_PHASE) / FLUSH_INTERVAL) + 1) * FLUSH_INTERVAL + FLUSH_PHASE
