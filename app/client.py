@@ -1,0 +1,332 @@
+"""The client agent: one command per host, exact per-second load, no coordinator.
+
+Run: ``python -m app.client --server 127.0.0.1:1025 --users 1-60000
+--control 0.0.0.0:9090 --source 127.1.0.1 --hosts 17 --host-index 0``
+(every flag also reads from ``--config`` TOML ``[client]`` and
+``HONGBAO_<NAME>``; see ``app/settings.py``). Once serving it prints one line,
+``hongbao-client listening control=HOST:PORT processes=P users=A-B
+connections=N``, then logs on stderr only.
+
+The agent is a small master (gunicorn-style): it splits the host's users over
+as many worker processes (``app.client_worker``) as the descriptor limit
+needs (at most ``PER_PROCESS`` connections each), restarts a worker that
+dies (with backoff; a worker that cannot boot halts the agent), forwards QPS
+changes to every worker stamped with the absolute tick they take effect at,
+and merges the workers' per-second records into host-wide seconds served by
+``/stats`` and flushed to statsd (``hongbao.client.<host>.*``).
+
+The load rule lives in ``app.client_schedule``: in second t this host sends
+exactly its share q, users chosen by the rotating window ``t*q mod n``.
+Frames carry the second they belong to, so the server's per-second counts
+(by frame timestamp) equal the sum of the hosts' shares.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from typing import Any
+
+import gevent
+import psutil
+from gevent import subprocess
+from gevent.event import Event
+
+from app import settings
+from app.client_api import build_api, clock_offset
+from app.client_histogram import Histogram
+from app.client_schedule import split
+from app.client_worker import EXIT_CANNOT_BOOT
+from app.httpapi import serve
+from app.metrics import Metrics
+
+log = logging.getLogger("hongbao.client")
+
+PER_PROCESS = 19_000  # connections per worker: the 20,000 hard fd limit minus headroom
+HISTORY = 900  # seconds of per-second records kept for /stats
+CHANGE_LEAD_TICKS = 2  # an immediate /qps applies this many ticks ahead, so every worker has it
+CLOCK_INTERVAL = 10.0  # seconds between clock-offset measurements
+RESTART_BACKOFF_CAP = 30.0  # seconds between restarts of a worker that keeps dying
+STOP_TIMEOUT = 3.0  # seconds a worker has to exit after "stop" before it is killed
+COUNTERS = ("sent", "skipped", "answered", "claims_sent", "claims_granted", "claim_amount",
+            "shake_amount", "logins", "reconnects", "connect_failures", "lost", "errors")
+
+
+class Child:
+    """The master's record of one worker process (stable ``index`` across restarts)."""
+
+    def __init__(self, index: int, begin: int, end: int) -> None:
+        self.index = index
+        self.begin = begin
+        self.end = end
+        self.proc: subprocess.Popen | None = None
+        self.restarts = 0
+        self.last: dict[str, Any] = {}
+        self.latency: dict[str, float | None] = {}
+
+
+class Second:
+    """One wall-clock second merged over the workers."""
+
+    def __init__(self, t: int) -> None:
+        self.t = t
+        self.counts = dict.fromkeys(COUNTERS, 0)
+        self.results: dict[str, int] = {}
+        self.hist = Histogram()
+        self.connections = 0
+        self.reported: set[int] = set()
+
+    def add(self, record: dict[str, Any]) -> None:
+        for key in COUNTERS:
+            self.counts[key] += record.get(key, 0)
+        for code, n in record.get("results", {}).items():
+            self.results[code] = self.results.get(code, 0) + n
+        self.hist.merge(record.get("hist", {}))
+        self.connections += record.get("connections", 0)
+        self.reported.add(record["p"])
+
+
+class Agent:
+    """Workers, the qps timeline, merged seconds, metrics and the clock offset of one host."""
+
+    def __init__(self, config: settings.Config) -> None:
+        self.config = config
+        first, last = config.users
+        self.first = first
+        self.n = last - first + 1
+        if config.connections:
+            self.n = min(self.n, config.connections)  # the first N users of the range
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        per_process = max(1, min(PER_PROCESS, hard - 1000))
+        processes = max(config.processes, math.ceil(self.n / per_process), 1)
+        self.children = [Child(i, a, b) for i, (a, b) in enumerate(split(self.n, processes))]
+        self.hosts = config.hosts
+        self.host_index = config.host_index
+        self.host = config.host_name or socket.gethostname().split(".")[0]
+        self.qps = config.qps
+        self.changes: list[tuple[int, int]] = [(0, config.qps)]  # (from tick, host qps)
+        self.seconds: dict[int, Second] = {}
+        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
+        self.totals = dict.fromkeys(COUNTERS, 0)
+        self.results: dict[str, int] = {}
+        self.hist = Histogram()
+        self.offset: float | None = None
+        self.rtt: float | None = None
+        self.metrics = Metrics(f"hongbao.client.{self.host.replace('.', '_')}", config.statsd)
+        self.quit = Event()  # set by signals and halt(); main() then calls stop()
+        self.stopped = Event()
+        self.failed = ""
+
+    # --- workers ----------------------------------------------------------------
+    def spec(self, child: Child) -> dict[str, Any]:
+        c = self.config
+        return {"index": child.index, "first": self.first, "n": self.n, "begin": child.begin,
+                "end": child.end, "server": list(c.server), "sources": list(c.source),
+                "ticks": c.ticks, "pacing": c.pacing, "qps": self.qps,
+                "connect_rate": c.connect_rate / len(self.children), "log_level": c.log_level}
+
+    def spawn_worker(self, child: Child) -> None:
+        child.proc = subprocess.Popen(
+            [sys.executable, "-m", "app.client_worker", json.dumps(self.spec(child))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        gevent.spawn(self.watch_worker, child, child.proc).name = f"watch-p{child.index}"
+        log.info("worker p%d pid %d holds users %d-%d", child.index, child.proc.pid,
+                 self.first + child.begin, self.first + child.end - 1)
+
+    def watch_worker(self, child: Child, proc: subprocess.Popen) -> None:
+        """Read the worker's per-second lines until it exits, then restart or halt."""
+        for line in proc.stdout:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                log.warning("p%d: unreadable line %r", child.index, line[:80])
+                continue
+            self.receive(child, record)
+        code = proc.wait()
+        if self.stopped.is_set():
+            return
+        if code == EXIT_CANNOT_BOOT:
+            self.halt(f"worker p{child.index} cannot boot (exit {code})")
+            return
+        reason = "killed by SIGKILL, perhaps out of memory" if code == -9 else f"exit {code}"
+        child.restarts += 1
+        delay = min(RESTART_BACKOFF_CAP, 2.0 ** (child.restarts - 1))
+        log.error("worker p%d died (%s); restarting in %.0fs", child.index, reason, delay)
+        gevent.sleep(delay)
+        if not self.stopped.is_set():
+            self.spawn_worker(child)
+
+    def tell(self, message: dict[str, Any]) -> None:
+        line = (json.dumps(message) + "\n").encode()
+        for child in self.children:
+            if child.proc is not None and child.proc.poll() is None:
+                try:
+                    child.proc.stdin.write(line)
+                    child.proc.stdin.flush()
+                except OSError:
+                    pass  # it is dying; its watcher restarts it
+
+    def set_qps(self, qps: int, at_second: int | None = None) -> dict[str, Any]:
+        """Change this host's QPS from ``at_second`` (or from two ticks ahead)."""
+        ticks = self.config.ticks
+        soonest = int(time.time() * ticks) + CHANGE_LEAD_TICKS
+        tick = soonest if at_second is None else max(soonest, at_second * ticks)
+        previous, self.qps = self.qps, qps
+        self.changes.append((tick, qps))
+        self.tell({"qps": qps, "tick": tick})
+        log.info("qps %d -> %d from %.2f", previous, qps, tick / ticks)
+        return {"qps": qps, "previous": previous, "from": tick / ticks, "tick": tick}
+
+    def target(self, second: int) -> int:
+        """The host QPS in effect at the start of ``second``."""
+        tick = second * self.config.ticks
+        return next((q for t, q in reversed(self.changes) if t <= tick), 0)
+
+    # --- per-second merge ---------------------------------------------------------
+    def receive(self, child: Child, record: dict[str, Any]) -> None:
+        child.last = record
+        child.latency = Histogram(record.get("hist")).summary((50, 99))
+        t = record["t"]
+        self.seconds.setdefault(t, Second(t)).add(record)
+        live = {c.index for c in self.children if c.proc is not None and c.proc.poll() is None}
+        for s in sorted(self.seconds):
+            sec = self.seconds[s]
+            if live <= sec.reported or s <= t - 2:  # complete, or a dead worker's gap
+                self.finish(self.seconds.pop(s))
+
+    def finish(self, sec: Second) -> None:
+        for key, value in sec.counts.items():
+            self.totals[key] += value
+        for code, n in sec.results.items():
+            self.results[code] = self.results.get(code, 0) + n
+        self.hist.merge(sec.hist)
+        latency = sec.hist.summary((50, 99))
+        self.history.append({"second": sec.t, "target": self.target(sec.t),
+                             "connections": sec.connections, "results": sec.results,
+                             "latency_p50_ms": latency["p50"], "latency_p99_ms": latency["p99"],
+                             **sec.counts})
+        m = self.metrics
+        for key in ("sent", "answered", "reconnects", "logins"):
+            m.incr(key, sec.counts[key])
+        m.incr("claims.sent", sec.counts["claims_sent"])
+        m.incr("claims.granted", sec.counts["claims_granted"])
+        for code, n in sec.results.items():
+            m.incr(f"results.{code}", n)
+        for child in self.children:
+            m.gauge(f"p{child.index}.connections", child.last.get("connections", 0))
+            for p in ("p50", "p99"):
+                if child.latency.get(p) is not None:
+                    m.gauge(f"p{child.index}.latency_{p}_ms", child.latency[p])
+            if self.offset is not None:
+                m.gauge(f"p{child.index}.clock_offset_ms", round(self.offset * 1000, 3))
+
+    @property
+    def connections(self) -> int:
+        return sum(c.last.get("connections", 0) for c in self.children)
+
+    def cpu_seconds(self) -> float:
+        """User+system CPU of the agent and its live workers (for µs per request)."""
+        total = 0.0
+        pids = [None] + [c.proc.pid for c in self.children if c.proc is not None]
+        for pid in pids:
+            try:
+                times = psutil.Process(pid).cpu_times()
+                total += times.user + times.system
+            except psutil.Error:
+                pass
+        return total
+
+    def stats(self, since: int = 0) -> dict[str, Any]:
+        """What ``/stats`` answers."""
+        seconds = [r for r in self.history if r["second"] >= since] if since else \
+            list(self.history)[-60:]
+        return {
+            "host": self.host, "host_index": self.host_index, "hosts": self.hosts,
+            "time": time.time(), "qps": self.qps, "pacing": self.config.pacing,
+            "ticks": self.config.ticks, "users": [self.first, self.first + self.n - 1],
+            "connections": self.connections, "target_connections": self.n,
+            "per_second": seconds, "totals": self.totals, "results": self.results,
+            "latency_ms": self.hist.summary((50, 90, 99, 99.9)),
+            "clock_offset_ms": None if self.offset is None else round(self.offset * 1000, 3),
+            "clock_rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 3),
+            "cpu_seconds": round(self.cpu_seconds(), 3),
+            "processes": [{"index": c.index, "pid": c.proc.pid if c.proc else None,
+                           "users": [self.first + c.begin, self.first + c.end - 1],
+                           "connections": c.last.get("connections", 0),
+                           "restarts": c.restarts, **c.latency} for c in self.children],
+        }
+
+    # --- clock, lifecycle -----------------------------------------------------------
+    def measure_clock(self) -> None:
+        """Keep ``offset`` = server clock - ours (HTTP /health time, RTT/2)."""
+        raw = self.config.server_control
+        if not raw:
+            return
+        address = settings._address(raw)
+        while not self.stopped.is_set():
+            try:
+                self.offset, self.rtt = clock_offset(address)
+            except (OSError, ValueError, KeyError) as exc:
+                log.debug("clock offset from %s failed: %s", raw, exc)
+            self.stopped.wait(CLOCK_INTERVAL)
+
+    def start(self) -> tuple[str, int]:
+        for child in self.children:
+            self.spawn_worker(child)
+        self.metrics.start()
+        gevent.spawn(self.measure_clock).name = "clock"
+        api = build_api(self, self.config.token, self.config.allow)
+        self.http = serve(api, self.config.client_control)
+        return self.http.address
+
+    def halt(self, reason: str) -> None:
+        self.failed = reason
+        log.error("halting: %s", reason)
+        self.quit.set()
+
+    def stop(self) -> None:
+        """Tell every worker to stop, wait a bounded time, then kill the rest by PID."""
+        if self.stopped.is_set():
+            return
+        self.stopped.set()
+        self.tell({"stop": True})
+        deadline = time.time() + STOP_TIMEOUT
+        for child in self.children:
+            proc = child.proc
+            if proc is None:
+                continue
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if getattr(self, "http", None) is not None:
+            self.http.stop(timeout=1)
+        self.metrics.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m app.client``: run the agent until SIGTERM/SIGINT."""
+    config = settings.parse("client", argv, description=__doc__.split("\n")[0])
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s client %(levelname)s %(message)s")
+    agent = Agent(config)
+    host, port = agent.start()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, agent.quit.set)  # handlers only enqueue
+    print(f"hongbao-client listening control={host}:{port} processes={len(agent.children)} "
+          f"users={agent.first}-{agent.first + agent.n - 1} connections={agent.n}", flush=True)
+    agent.quit.wait()
+    agent.stop()
+    sys.exit(1 if agent.failed else 0)
+
+
+if __name__ == "__main__":
+    main()

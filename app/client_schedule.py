@@ -1,0 +1,85 @@
+"""Who is asked when: the rotating-window scheduler, pure arithmetic, no I/O.
+
+Coordinated load without a coordinator. Every host knows its share ``q`` of
+the fleet-wide QPS, its ``n`` users (positions ``0..n-1``, userid ``first +
+position``) and the wall-clock second ``t``. In second ``t`` it asks the
+``q`` consecutive positions starting at ``t*q mod n`` (wrapping). Second
+``t+1`` starts where second ``t`` ended, so the window sweeps the range:
+every user is asked once per ``n/q`` seconds, all equally often, and any
+``ceil(n/q)`` consecutive seconds cover every user.
+
+Within the second the window is cut into ``ticks`` slices aligned to the
+wall clock (the same ticks on every host). ``even`` pacing gives tick ``k``
+the positions ``[k*q//T, (k+1)*q//T)`` of the window, so the slices sum to
+exactly ``q``; ``burst`` puts the whole window in tick 0 (the classic
+client's behaviour).
+
+A host's processes each own a contiguous part ``[a, b)`` of the positions;
+they all compute the same host-wide span and send only the part inside
+their own — so the host sends exactly ``q`` whatever its process count, and
+the cost of a tick is O(requests), never O(connections).
+"""
+
+from __future__ import annotations
+
+PACINGS = ("even", "burst")
+
+
+def share(total: int, hosts: int, index: int) -> int:
+    """Host ``index``'s part of a fleet-wide ``total``: the remainder goes to the first hosts."""
+    if hosts < 1 or not 0 <= index < hosts:
+        raise ValueError(f"host index {index} outside a fleet of {hosts}")
+    return total // hosts + (1 if index < total % hosts else 0)
+
+
+def tick_span(second: int, tick: int, qps: int, n: int, ticks: int,
+              pacing: str = "even") -> tuple[int, int]:
+    """``(start, count)``: the window positions asked in ``tick`` of ``second``.
+
+    Positions are ``start, start+1, ... start+count-1`` modulo ``n``.
+    """
+    if n < 1 or qps <= 0:
+        return 0, 0
+    if pacing == "burst":
+        lo, hi = (0, qps) if tick == 0 else (0, 0)
+    else:
+        lo, hi = tick * qps // ticks, (tick + 1) * qps // ticks
+    return (second * qps + lo) % n, hi - lo
+
+
+def clip(start: int, count: int, n: int, a: int, b: int) -> list[tuple[int, int]]:
+    """The half-open position ranges of the circular span that fall in ``[a, b)``.
+
+    A span longer than ``n`` (more QPS than users) covers ``[a, b)`` once per
+    full turn, so a user can be asked more than once in a tick then.
+    """
+    out: list[tuple[int, int]] = []
+    if count <= 0 or a >= b:
+        return out
+    turns, rest = divmod(count, n)
+    out.extend([(a, b)] * turns)
+    if rest:
+        end = start + rest
+        pieces = ((start, end),) if end <= n else ((start, n), (0, end - n))
+        for lo, hi in pieces:
+            lo, hi = max(lo, a), min(hi, b)
+            if lo < hi:
+                out.append((lo, hi))
+    return out
+
+
+def split(n: int, parts: int) -> list[tuple[int, int]]:
+    """Cut positions ``0..n-1`` into ``parts`` contiguous near-equal ranges."""
+    if parts < 1:
+        raise ValueError("parts must be >= 1")
+    return [(i * n // parts, (i + 1) * n // parts) for i in range(parts)]
+
+
+def second_count(qps: int, n: int, a: int, b: int, second: int, ticks: int,
+                 pacing: str = "even") -> int:
+    """How many requests positions ``[a, b)`` send in ``second`` (for tests and checks)."""
+    total = 0
+    for k in range(ticks):
+        start, count = tick_span(second, k, qps, n, ticks, pacing)
+        total += sum(hi - lo for lo, hi in clip(start, count, n, a, b))
+    return total

@@ -1,0 +1,411 @@
+"""One client-agent process: up to ~19,000 connections, paced on wall-clock ticks.
+
+Run by the agent (``app.client``), never by hand:
+``python -m app.client_worker '<json spec>'``. The spec names the host's
+user positions ``[0, n)``, the part ``[begin, end)`` this process owns, the
+server, source addresses and pacing. The parent talks to it through pipes:
+
+- stdin, one JSON object a line: ``{"qps": Q, "tick": K}`` (host-wide QPS
+  from absolute tick ``K`` = ``unix_time * ticks``) or ``{"stop": true}``.
+  End of file means the parent is gone: the worker exits.
+- stdout, one JSON object a line, once per wall-clock second: what was sent
+  (by the second stamped in the frames), answered, results by code, the
+  latency histogram, claims, logins, reconnects and connections now up.
+
+State (all in this module's ``Worker``): one ``Conn`` record per owned user,
+an fd -> record dict for the reactor, a heap of connection attempts due,
+and the per-second counters. Nothing here is O(connections) per second:
+a tick touches the users it asks, the connections that answered and the
+attempts that are due.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import json
+import logging
+import os
+import random
+import resource
+import select
+import socket
+import struct
+import sys
+import time
+from typing import Any
+
+import gevent
+
+from app import protocol
+from app.client_histogram import Histogram
+from app.client_schedule import clip, tick_span
+from app.protocol import LAYOUTS, Command, ProtocolError, check_header
+from app.reactor import READ, READ_WRITE, Reactor, close_fd, read_some, write_some
+
+log = logging.getLogger("hongbao.client.worker")
+
+IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h; bind() then defers the port choice to connect()
+FD_RESERVE = 64  # descriptors kept free for the epoll, pipes and the odd HTTP request
+EXIT_CANNOT_BOOT = 3  # reserved: the parent halts instead of restarting us forever
+
+BACKOFF_BASE = 0.5  # seconds; first retry after a loss waits uniform(0, 0.5)
+BACKOFF_CAP = 30.0  # seconds; the longest a retry waits, however many failures
+LOGIN_TIMEOUT = 10.0  # seconds from connect() to LOGIN_RESULT before we give up
+MAX_CATCH_UP = 2  # seconds of missed ticks we still send (stamped with their own second)
+
+DOWN, CONNECTING, LOGGING_IN, READY = range(4)
+ERROR_EVENTS = select.EPOLLERR | select.EPOLLHUP
+
+_LENGTH_COMMAND = struct.Struct(">HH")  # the header's first two fields, enough to validate
+_SHAKE = LAYOUTS[Command.SHAKE]
+_LOGIN = LAYOUTS[Command.LOGIN]
+_CLAIM = LAYOUTS[Command.CLAIM]
+_SHAKE_SIZE = _SHAKE.size
+
+
+class Conn:
+    """One user's connection; ``sent`` holds the send times of unanswered SHAKEs."""
+
+    __slots__ = ("pos", "userid", "fd", "state", "out", "buf", "sent", "attempt", "since")
+
+    def __init__(self, pos: int, userid: int) -> None:
+        self.pos = pos
+        self.userid = userid
+        self.fd = -1
+        self.state = DOWN
+        self.out = b""
+        self.buf = b""
+        self.sent: list[float] = []
+        self.attempt = 0
+        self.since = 0.0
+
+
+class Worker:
+    """Connections, pacing and per-second reports of one process."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.index: int = spec["index"]
+        self.first: int = spec["first"]  # userid of position 0
+        self.n: int = spec["n"]  # positions of the whole host
+        self.begin: int = spec["begin"]
+        self.end: int = spec["end"]
+        host, port = spec["server"]
+        self.server = (host, int(port))
+        self.sources: list[str] = list(spec.get("sources") or [])
+        self.ticks: int = spec["ticks"]
+        self.pacing: str = spec["pacing"]
+        self.qps: int = spec.get("qps", 0)
+        self.connect_rate: float = spec["connect_rate"]  # attempts per second, this process
+        self.changes: list[tuple[int, int]] = []  # (tick, qps) waiting for their tick
+        self.conns = [Conn(p, self.first + p) for p in range(self.begin, self.end)]
+        self.by_fd: dict[int, Conn] = {}
+        self.due: list[tuple[float, int]] = [(0.0, p) for p in range(self.begin, self.end)]
+        self.pending: dict[int, Conn] = {}  # connecting or logging in, for the timeout
+        self.tokens = 0.0
+        self.ready = 0
+        self.reactor = Reactor(self._dispatch)
+        self.stdin = sys.stdin.fileno()
+        self.ctl_buf = b""
+        self.last_tick = 0
+        self.stopping = False
+        self._reset_counters()
+
+    # --- per-second counters -------------------------------------------------
+    def _reset_counters(self) -> None:
+        self.sent: dict[int, int] = {}  # by stamped second
+        self.skipped: dict[int, int] = {}  # asked while that user's connection was down
+        self.answered = 0
+        self.results: dict[int, int] = {}
+        self.hist = Histogram()
+        self.claims_sent = 0
+        self.claims_granted = 0
+        self.claim_amount = 0
+        self.shake_amount = 0
+        self.logins = 0
+        self.reconnects = 0
+        self.connect_failures = 0
+        self.lost = 0  # SHAKEs unanswered when their connection died
+        self.errors = 0
+
+    def report(self, second: int) -> None:
+        """Write second ``second``'s record to the parent and start the next."""
+        record = {
+            "p": self.index, "t": second, "sent": self.sent.pop(second, 0),
+            "skipped": self.skipped.pop(second, 0), "answered": self.answered,
+            "results": {str(k): v for k, v in self.results.items()},
+            "hist": self.hist.to_json(), "claims_sent": self.claims_sent,
+            "claims_granted": self.claims_granted, "claim_amount": self.claim_amount,
+            "shake_amount": self.shake_amount, "logins": self.logins,
+            "reconnects": self.reconnects, "connect_failures": self.connect_failures,
+            "lost": self.lost, "errors": self.errors, "connections": self.ready,
+            "qps": self.qps,
+        }
+        sent, skipped = self.sent, self.skipped
+        self._reset_counters()
+        self.sent, self.skipped = sent, skipped  # later seconds already counted stay
+        sys.stdout.write(json.dumps(record, separators=(",", ":")) + "\n")
+        sys.stdout.flush()
+
+    # --- connections ----------------------------------------------------------
+    def connect(self, conn: Conn, now: float) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.sources:
+                sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.bind((self.sources[conn.pos % len(self.sources)], 0))
+            err = sock.connect_ex(self.server)
+        except OSError as exc:
+            sock.close()
+            log.debug("connect setup failed: %s", exc)
+            self._retry(conn, now)
+            return
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            self._retry(conn, now)
+            return
+        conn.fd = sock.detach()
+        conn.state = CONNECTING
+        conn.since = now
+        self.by_fd[conn.fd] = conn
+        self.pending[conn.pos] = conn
+        self.reactor.register(conn.fd, READ_WRITE)
+
+    def _retry(self, conn: Conn, now: float) -> None:
+        """Schedule the next attempt: exponential backoff with full jitter."""
+        self.connect_failures += 1
+        conn.attempt += 1
+        delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** conn.attempt))
+        heapq.heappush(self.due, (now + delay, conn.pos))
+
+    def drop(self, conn: Conn, now: float) -> None:
+        """Close a connection and schedule its comeback (no synchronized stampede)."""
+        if conn.state == READY:
+            self.ready -= 1
+        self.reactor.unregister(conn.fd)
+        close_fd(conn.fd)
+        self.by_fd.pop(conn.fd, None)
+        self.pending.pop(conn.pos, None)
+        self.lost += len(conn.sent)
+        conn.fd, conn.state, conn.out, conn.buf, conn.sent = -1, DOWN, b"", b"", []
+        self.reconnects += 1
+        self._retry(conn, now)
+
+    def _connect_due(self, now: float) -> None:
+        """Start the attempts that are due, no faster than ``connect_rate``."""
+        self.tokens = min(self.tokens + self.connect_rate / self.ticks,
+                          max(1.0, self.connect_rate / 10))
+        due = self.due
+        while due and due[0][0] <= now and self.tokens >= 1:
+            _, pos = heapq.heappop(due)
+            conn = self.conns[pos - self.begin]
+            if conn.state == DOWN:
+                self.tokens -= 1
+                self.connect(conn, now)
+
+    def _expire_logins(self, now: float) -> None:
+        late = [c for c in self.pending.values() if now - c.since > LOGIN_TIMEOUT]
+        for conn in late:
+            self.drop(conn, now)
+
+    def send(self, conn: Conn, data: bytes, now: float) -> None:
+        if conn.out:
+            conn.out += data
+            return
+        rest = write_some(conn.fd, data)
+        if rest is None:
+            self.drop(conn, now)
+        elif rest:
+            conn.out = rest
+            self.reactor.modify(conn.fd, READ_WRITE)
+
+    # --- events ---------------------------------------------------------------
+    def _dispatch(self, events: list[tuple[int, int]]) -> None:
+        now = time.time()
+        by_fd = self.by_fd
+        for fd, mask in events:
+            conn = by_fd.get(fd)
+            if conn is None:
+                if fd == self.stdin:
+                    self._control()
+                continue
+            if conn.state == CONNECTING:
+                if mask & ERROR_EVENTS:
+                    self.drop(conn, now)
+                    continue
+                conn.state = LOGGING_IN
+                self.reactor.modify(fd, READ)
+                self.send(conn, _LOGIN.pack(_LOGIN.size, Command.LOGIN, int(now), conn.userid),
+                          now)
+                continue
+            if mask & select.EPOLLOUT and conn.out:
+                rest = write_some(fd, conn.out)
+                if rest is None:
+                    self.drop(conn, now)
+                    continue
+                conn.out = rest
+                if not rest:
+                    self.reactor.modify(fd, READ)
+            if mask & (select.EPOLLIN | ERROR_EVENTS | select.EPOLLRDHUP):
+                data = read_some(fd, 65536)
+                if data is None:
+                    self.drop(conn, now)
+                elif data:
+                    try:
+                        self._frames(conn, data, now)
+                    except ProtocolError as exc:
+                        log.warning("user %d: %s", conn.userid, exc)
+                        self.errors += 1
+                        self.drop(conn, now)
+
+    def _frames(self, conn: Conn, data: bytes, now: float) -> None:
+        buf = conn.buf + data if conn.buf else data
+        off, end = 0, len(buf)
+        while end - off >= 4:
+            length, cmd = _LENGTH_COMMAND.unpack_from(buf, off)
+            check_header(length, cmd)
+            if end - off < length:
+                break
+            if cmd == Command.SHAKE_RESULT:
+                _, _, _, _, result, _, amount = LAYOUTS[cmd].unpack_from(buf, off)
+                self.answered += 1
+                self.results[result] = self.results.get(result, 0) + 1
+                if result == protocol.ShakeCode.GOT:
+                    self.shake_amount += amount
+                if conn.sent:
+                    self.hist.record(int((now - conn.sent.pop(0)) * 1e6))
+            elif cmd == Command.ENVELOPE_PUSH:
+                envelope_id = LAYOUTS[cmd].unpack_from(buf, off)[3]
+                self.claims_sent += 1
+                self.send(conn, _CLAIM.pack(_CLAIM.size, Command.CLAIM, int(now), 0,
+                                            envelope_id), now)
+            elif cmd == Command.CLAIM_RESULT:
+                amount = LAYOUTS[cmd].unpack_from(buf, off)[4]
+                if amount:
+                    self.claims_granted += 1
+                    self.claim_amount += amount
+            elif cmd == Command.LOGIN_RESULT:
+                result = LAYOUTS[cmd].unpack_from(buf, off)[4]
+                if result != protocol.LoginCode.OK:
+                    raise ProtocolError("login", f"refused with {result}")
+                if conn.state == LOGGING_IN:
+                    conn.state = READY
+                    conn.attempt = 0
+                    self.ready += 1
+                    self.logins += 1
+                    self.pending.pop(conn.pos, None)
+            else:
+                raise ProtocolError("command", f"server sent client command {cmd}")
+            off += length
+            if conn.fd < 0:
+                return  # dropped while sending a claim
+        conn.buf = buf[off:]
+
+    def _control(self) -> None:
+        data = read_some(self.stdin, 65536)
+        if data is None:
+            self.stopping = True  # the parent is gone
+            return
+        self.ctl_buf += data
+        *lines, self.ctl_buf = self.ctl_buf.split(b"\n")
+        for line in lines:
+            if not line.strip():
+                continue
+            msg = json.loads(line)
+            if msg.get("stop"):
+                self.stopping = True
+            elif "qps" in msg:
+                tick = int(msg.get("tick", 0))
+                if tick <= self.last_tick:
+                    self.qps = int(msg["qps"])
+                else:
+                    self.changes.append((tick, int(msg["qps"])))
+                    self.changes.sort()
+
+    # --- pacing ---------------------------------------------------------------
+    def run_tick(self, tick: int, now: float) -> None:
+        """Send this process's part of the window slice of absolute ``tick``."""
+        while self.changes and self.changes[0][0] <= tick:
+            self.qps = self.changes.pop(0)[1]
+        second, k = divmod(tick, self.ticks)
+        if k == 0:
+            self.report(second - 1)
+        start, count = tick_span(second, k, self.qps, self.n, self.ticks, self.pacing)
+        if not count:
+            return
+        conns, base, sent, skipped = self.conns, self.begin, 0, 0
+        frame_for = _SHAKE.pack
+        for lo, hi in clip(start, count, self.n, self.begin, self.end):
+            for pos in range(lo, hi):
+                conn = conns[pos - base]
+                if conn.state != READY:
+                    skipped += 1
+                    continue
+                self.send(conn, frame_for(_SHAKE_SIZE, Command.SHAKE, second, conn.userid), now)
+                if conn.state == READY:
+                    conn.sent.append(now)
+                    sent += 1
+                else:
+                    skipped += 1  # the write found the connection gone
+        if sent:
+            self.sent[second] = self.sent.get(second, 0) + sent
+        if skipped:
+            self.skipped[second] = self.skipped.get(second, 0) + skipped
+
+    def pace(self) -> None:
+        """The tick loop: sleep to the next wall-clock tick, run every tick now due."""
+        ticks = self.ticks
+        self.last_tick = int(time.time() * ticks)
+        while not self.stopping:
+            now = time.time()
+            gevent.sleep(max(0.0, (int(now * ticks) + 1) / ticks - now))
+            now = time.time()
+            current = int(now * ticks)
+            if current - self.last_tick > MAX_CATCH_UP * ticks:
+                log.warning("process %d: %d ticks late, skipping them",
+                            self.index, current - self.last_tick)
+                self.last_tick = current - 1
+            for tick in range(self.last_tick + 1, current + 1):
+                self.last_tick = tick
+                self.run_tick(tick, now)
+            self._connect_due(now)
+            if current % ticks == 0:
+                self._expire_logins(now)
+
+    def run(self) -> None:
+        os.set_blocking(self.stdin, False)
+        self.reactor.register(self.stdin, READ)
+        self.reactor.start()
+        try:
+            self.pace()
+        finally:
+            self.reactor.close()
+            for conn in self.conns:
+                if conn.fd >= 0:
+                    close_fd(conn.fd)
+
+
+def raise_fd_limit(needed: int) -> None:
+    """Lift the soft descriptor limit to the hard one; exit if even that is too small."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if needed + FD_RESERVE > hard:
+        sys.stderr.write(f"need {needed + FD_RESERVE} descriptors, hard limit is {hard}\n")
+        sys.exit(EXIT_CANNOT_BOOT)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of one worker process (spawned by ``app.client``)."""
+    argv = sys.argv[1:] if argv is None else argv
+    spec = json.loads(argv[0])
+    logging.basicConfig(level=spec.get("log_level", "info").upper(), stream=sys.stderr,
+                        format=f"%(asctime)s client.p{spec['index']} %(levelname)s %(message)s")
+    raise_fd_limit(spec["end"] - spec["begin"])
+    Worker(spec).run()
+
+
+if __name__ == "__main__":
+    main()
