@@ -211,7 +211,7 @@ class Agent:
         self.history.append({"second": sec.t, "target": self.target(sec.t),
                              "connections": sec.connections, "results": sec.results,
                              "latency_p50_ms": latency["p50"], "latency_p99_ms": latency["p99"],
-                             **sec.counts})
+                             "hist": sec.hist.to_json(), **sec.counts})
         m = self.metrics
         for key in ("sent", "answered", "reconnects", "logins"):
             m.incr(key, sec.counts[key])
@@ -243,10 +243,12 @@ class Agent:
                 pass
         return total
 
-    def stats(self, since: int = 0) -> dict[str, Any]:
-        """What ``/stats`` answers."""
+    def stats(self, since: int = 0, hist: bool = False) -> dict[str, Any]:
+        """What ``/stats`` answers (per-second latency histograms only with ``hist``)."""
         seconds = [r for r in self.history if r["second"] >= since] if since else \
             list(self.history)[-60:]
+        if not hist:
+            seconds = [{k: v for k, v in r.items() if k != "hist"} for r in seconds]
         return {
             "host": self.host, "host_index": self.host_index, "hosts": self.hosts,
             "time": time.time(), "qps": self.qps, "pacing": self.config.pacing,

@@ -9,8 +9,10 @@ address):
   ``&hosts=`` and ``&index=`` override them). ``&at=UNIX_SECOND`` applies
   the change from that second on (every host the same second); without it
   the change applies from the tick after next (within ~20 ms).
-- ``GET /stats?since=UNIX_SECOND`` — connections, sent/answered per second,
-  results by code, latency percentiles, reconnects, clock offset, CPU.
+- ``GET /stats?since=UNIX_SECOND[&hist=1]`` — connections, sent/answered per
+  second (the last 60 s without ``since``), results by code, latency
+  percentiles (and per-second histograms with ``hist=1``), reconnects, clock
+  offset, CPU seconds of the agent's processes.
 - ``GET /health`` — liveness and the agent's clock.
 """
 
@@ -54,7 +56,7 @@ def build_api(agent: Agent, token: str = "", allow: Any = ()) -> Api:
     @api.route("/stats")
     def stats(request: Request) -> dict[str, Any]:
         since = request.int_param("since", 0, maximum=2**40)
-        return agent.stats(since)
+        return agent.stats(since, hist=bool(request.int_param("hist", 0, maximum=1)))
 
     @api.route("/health")
     def health(request: Request) -> dict[str, Any]:
