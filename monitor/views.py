@@ -23,7 +23,7 @@ class Series:
     """One line: its label, its Graphite target, its key in seconds.jsonl."""
 
     label: str
-    target: str
+    target: str  # "" : seconds.jsonl only
     key: str | None = None  # None: Graphite only
     subkey: str | None = None  # for dict-valued keys such as server_by_result
 
@@ -34,6 +34,7 @@ class View:
     title: str
     ylabel: str
     series: tuple[Series, ...]
+    counts: bool = True  # per-second counts (the summary sums them), else levels (max)
 
 
 VIEWS: tuple[View, ...] = (
@@ -53,7 +54,7 @@ VIEWS: tuple[View, ...] = (
     View("connections", "Connections established", "connections", (
         Series("server", f"sumSeries({G}.server.set.*.connections)", "connections"),
         Series("clients", f"sumSeries({G}.client.*.p*.connections)"),
-    )),
+    ), counts=False),
     View("envelopes", "Envelopes generated vs granted vs claimed", "envelopes per second", (
         Series("generated", f"{C}.server.envelopes.generated.count", "envelopes_generated"),
         Series("granted", f"{C}.server.envelopes.granted.count", "envelopes_granted"),
@@ -66,27 +67,29 @@ VIEWS: tuple[View, ...] = (
         Series("expired", f"{C}.server.amount.expired.count"),
     )),
     View("network", "Network packets per second (all hosts, all interfaces)", "packets/s", (
-        Series("packets in", f"sumSeries({G}.net.*.*.packets_in)", "net_pps"),
+        Series("packets in", f"sumSeries({G}.net.*.*.packets_in)"),
         Series("packets out", f"sumSeries({G}.net.*.*.packets_out)"),
-    )),
+        Series("packets", "", "net_pps"),
+    ), counts=False),
     View("latency", "Client latency", "milliseconds", (
         Series("p50", f"averageSeries({G}.client.*.p*.latency_p50_ms)", "latency_p50_ms"),
         Series("p99", f"maxSeries({G}.client.*.p*.latency_p99_ms)", "latency_p99_ms"),
-    )),
+    ), counts=False),
     View("server_health", "Server event-loop lag and GC pause (worst SET)", "milliseconds", (
         Series("loop lag", f"maxSeries({G}.server.set.*.loop_lag_ms)"),
         Series("GC pause", f"maxSeries({G}.server.set.*.gc_pause_ms)"),
-    )),
+    ), counts=False),
 )
 
 
-def graphite_urls(graphite_url: str, since: str = "-15min") -> dict[str, str]:
-    """Saved graphite-web render URLs (PNG) for each view, newest `since`."""
+def graphite_urls(graphite_url: str, since: str | int = "-15min",
+                  until: str | int = "now") -> dict[str, str]:
+    """graphite-web render URLs (PNG) for each view: the saved graphs, live or for a run."""
     urls = {}
     for view in VIEWS:
         params: list[tuple[str, str]] = [
             ("target", f"alias({s.target},'{s.label}')") for s in view.series if s.target]
-        params += [("from", since), ("title", view.title), ("vtitle", view.ylabel),
-                   ("width", "900"), ("height", "350"), ("tz", "UTC")]
+        params += [("from", str(since)), ("until", str(until)), ("title", view.title),
+                   ("vtitle", view.ylabel), ("width", "900"), ("height", "350"), ("tz", "UTC")]
         urls[view.name] = f"{graphite_url}/render?{urllib.parse.urlencode(params)}"
     return urls
