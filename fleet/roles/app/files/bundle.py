@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Build, on the controller, what the app role ships to fleet hosts.
+
+* ``src-<sha>.tar``: the project's code (``app/``, ``monitor/``,
+  requirements, pyproject), byte-for-byte reproducible (sorted names, mtime 0,
+  root ownership), so its name changes exactly when the code does;
+* ``wheels-<key>.tar``: every wheel ``requirements.txt`` needs, for the
+  hosts' Python and platform (``pip download --only-binary``), so hosts
+  without a route to a package index (test hosts, firewalled fleets) install
+  with ``pip install --no-index --find-links``.  Built once per
+  requirements/target combination.
+
+Prints one JSON line: ``{"changed": bool, "src": NAME, "wheels": NAME}``.
+Run by fleet/roles/app (delegated to the controller, once per play)::
+
+    python3 bundle.py --source REPO --out DIR [--python-version 3.11] [--platform TAG ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+CODE = ("app", "monitor")
+TOP_FILES = ("requirements.txt", "pyproject.toml")
+KEEP = 3  # bundles of each kind kept in --out
+
+
+def code_files(source: Path) -> list[Path]:
+    """Tracked and untracked-but-not-ignored files (no node_modules, no caches)."""
+    files = [source / name for name in TOP_FILES if (source / name).exists()]
+    listed = subprocess.run(
+        ["git", "-C", str(source), "ls-files", "-z", "--cached", "--others",
+         "--exclude-standard", "--", *CODE],
+        capture_output=True, text=True,
+    )
+    if listed.returncode == 0:
+        names = [n for n in listed.stdout.split("\0") if n]
+        candidates = [source / n for n in names]
+    else:  # not a git checkout: everything under the code directories
+        candidates = [p for package in CODE for p in (source / package).rglob("*")]
+    for path in candidates:
+        if (path.is_file() and "__pycache__" not in path.parts
+                and "node_modules" not in path.parts and path.suffix != ".pyc"):
+            files.append(path)
+    return sorted(set(files))
+
+
+def reproducible_tar(entries: list[tuple[str, bytes, int]]) -> bytes:
+    """A tar of (name, data, mode) with nothing in it that varies between builds."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        manifest = "".join(f"{hashlib.sha256(d).hexdigest()}  {n}\n" for n, d, _ in entries)
+        for name, data, mode in [("MANIFEST", manifest.encode(), 0o644), *entries]:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), mode, 0
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def write_once(path: Path, data: bytes) -> bool:
+    if path.exists() and path.read_bytes() == data:
+        return False
+    tmp = path.with_suffix(".part")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return True
+
+
+def build_src(source: Path, out: Path) -> tuple[str, bool]:
+    entries = []
+    for path in code_files(source):
+        mode = 0o755 if os.access(path, os.X_OK) else 0o644
+        entries.append((str(path.relative_to(source)), path.read_bytes(), mode))
+    data = reproducible_tar(entries)
+    name = f"src-{hashlib.sha256(data).hexdigest()[:12]}"
+    return name, write_once(out / f"{name}.tar", data)
+
+
+def build_wheels(source: Path, out: Path, args: argparse.Namespace) -> tuple[str, bool]:
+    requirements = (source / "requirements.txt").read_bytes()
+    target = [f"--python-version={args.python_version}", "--implementation=cp",
+              "--only-binary=:all:", *[f"--platform={p}" for p in args.platform]]
+    key = hashlib.sha256(requirements + repr(target).encode()).hexdigest()[:12]
+    name = f"wheels-{key}"
+    if (out / f"{name}.tar").exists():
+        return name, False
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        subprocess.run(
+            [args.pip_python, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+             "-r", str(source / "requirements.txt"), "-d", tmp, *target],
+            check=True, stdout=sys.stderr,
+        )
+        entries = [(p.name, p.read_bytes(), 0o644) for p in sorted(Path(tmp).glob("*.whl"))]
+    write_once(out / f"{name}.tar", reproducible_tar(entries))
+    return name, True
+
+
+def prune(out: Path, prefix: str, keep: str) -> None:
+    old = sorted(out.glob(f"{prefix}-*.tar"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in old[KEEP:]:
+        if path.stem != keep:
+            path.unlink()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--source", type=Path, required=True, help="the repository root")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--python-version", default="3.11", help="the hosts' Python")
+    parser.add_argument("--platform", action="append", default=None,
+                        help="wheel platform tags the hosts accept (repeatable)")
+    parser.add_argument("--pip-python", default=sys.executable)
+    args = parser.parse_args()
+    args.platform = args.platform or [
+        "manylinux_2_36_x86_64", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64",
+        "manylinux2014_x86_64", "linux_x86_64",
+    ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    src, src_changed = build_src(args.source.resolve(), args.out)
+    wheels, wheels_changed = build_wheels(args.source.resolve(), args.out, args)
+    prune(args.out, "src", src)
+    prune(args.out, "wheels", wheels)
+    shutil.rmtree(args.out / "tmp", ignore_errors=True)
+    print(json.dumps({"changed": src_changed or wheels_changed, "src": src, "wheels": wheels}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
