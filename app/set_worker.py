@@ -68,6 +68,8 @@ _LOGIN_RESULT = p.LAYOUTS[p.Command.LOGIN_RESULT]
 _SHAKE_RESULT = p.LAYOUTS[p.Command.SHAKE_RESULT]
 _CLAIM_RESULT = p.LAYOUTS[p.Command.CLAIM_RESULT]
 _PUSH = p.LAYOUTS[p.Command.ENVELOPE_PUSH]
+_SHAKE = p.LAYOUTS[p.Command.SHAKE]
+_SHAKE_HEAD = struct.pack(">HH", p.FRAME_SIZES[p.Command.SHAKE], p.Command.SHAKE)
 _HEAD = struct.Struct(">HH")
 
 CODE_INDEX = {p.ShakeCode.GOT: 0, p.ShakeCode.NONE_LEFT: 1, p.ShakeCode.REFUSED: 2,
@@ -106,6 +108,8 @@ class SetWorker:
         self.counters: dict[str, int] = {}
         self.by_sent: dict[int, list[int]] = {}
         self.by_arrival: dict[int, list[int]] = {}
+        self.shake_totals = [0, 0, 0, 0]  # by code index, since start (to statsd as deltas)
+        self._shake_flushed = [0, 0, 0, 0]
         self.budget = 0
         self.budget_second = 0
         self.budget_used = 0
@@ -413,6 +417,13 @@ class SetWorker:
 
     # --------------------------------------------------------------- frames
     def _on_frames(self, conn: Conn, buf: bytes, second: int) -> None:
+        if len(buf) == 16 and buf[:4] == _SHAKE_HEAD:
+            # Fast path for the one frame that is 99% of the traffic: a lone
+            # SHAKE skips the generic decoder and its frame object.
+            _, _, sent, userid = _SHAKE.unpack(buf)
+            conn.inbuf = b""
+            self._shake(conn, userid, sent, second)
+            return
         try:
             frames, conn.inbuf = p.decode_frames(buf)
         except p.ProtocolError as exc:
@@ -459,7 +470,7 @@ class SetWorker:
         if row is None:
             row = self.by_arrival[second] = [0, 0, 0, 0]
         row[index] += 1
-        self.metrics.incr(SHAKE_METRIC[index])
+        self.shake_totals[index] += 1
         self._send(conn, _SHAKE_RESULT.pack(28, 3, second, conn.userid, code, eid, amount))
 
     def _claim(self, conn: Conn, frame: p.Claim, second: int) -> None:
@@ -567,6 +578,9 @@ class SetWorker:
             for table in (self.by_sent, self.by_arrival):
                 for old in [s for s in table if s < horizon]:
                     del table[old]
+            for i, name in enumerate(SHAKE_METRIC):
+                self.metrics.incr(name, self.shake_totals[i] - self._shake_flushed[i])
+            self._shake_flushed = list(self.shake_totals)
             k = self.set_id
             self.metrics.gauge(f"set.{k}.connections", len(self.users))
             self.metrics.gauge(f"set.{k}.loop_lag_ms", round(self.loop_lag_max * 1000, 3))
