@@ -7,6 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .PHONY: smoke test lint bench bench-server bench-scale venv clean
+.PHONY: monitor-install monitor-up monitor-down monitor-status report
 
 venv: $(STAMP)
 
@@ -17,8 +18,9 @@ $(STAMP): requirements.txt requirements-dev.txt
 	touch $(STAMP)
 
 ## The main job: one machine, embedded defaults (server, 3 simulated hosts, phases, envelopes).
+## With the monitor stack up (make monitor-up) the run also sends its metrics there.
 smoke: $(STAMP)
-	$(PY) -m app.smoke $(ARGS)
+	env $$($(PY) -m monitor.stack env) $(PY) -m app.smoke $(ARGS)
 
 ## The test suite (what .ci/run calls).
 test: $(STAMP)
@@ -35,3 +37,20 @@ bench-scale: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs var .pytest_cache .ruff_cache
+
+## The metrics stack: statsd -> carbon/whisper -> graphite-web on 127.0.0.1 (README "Monitoring").
+monitor-install: $(STAMP)
+	$(PY) -m monitor.stack install
+
+monitor-up: $(STAMP)
+	$(PY) -m monitor.stack up
+
+monitor-down: $(STAMP)
+	$(PY) -m monitor.stack down
+
+monitor-status: $(STAMP)
+	$(PY) -m monitor.stack status
+
+## Graphs of a run: make report ARGS="--run runs/<timestamp>"
+report: $(STAMP)
+	$(PY) -m monitor.report $(ARGS)

@@ -6,6 +6,7 @@ How to run::
     python -m monitor.stack up        # start all three, wait until they answer
     python -m monitor.stack status    # pids, ports, whether each one answers
     python -m monitor.stack urls      # saved graph URLs for the main views
+    python -m monitor.stack env       # HONGBAO_STATSD=... for a process to use it
     python -m monitor.stack down      # stop them (by pid, process group)
 
 Everything binds to 127.0.0.1 and lives under one directory (default
@@ -182,6 +183,7 @@ class Stack:
             secret.write_text(secrets.token_hex(32))
         values = {
             "root": str(self.root),
+            "venv": str(self.venv),
             "retentions": self.retentions,
             "secret_key": secret.read_text().strip(),
             **{k: str(v) for k, v in asdict(self.ports).items()},
@@ -231,11 +233,18 @@ class Stack:
         }
 
     def migrate(self) -> None:
-        """Create graphite-web's sqlite database (dashboards, tags) once."""
-        if (self.root / "storage" / "graphite.db").exists():
-            return
-        _run([str(self.venv / "bin" / "django-admin"), "migrate", "--noinput", "-v", "0"],
-             env=self._env(), cwd=self.root)
+        """Create graphite-web's sqlite database (dashboards) and its static files, once.
+
+        The static files (the dashboard's JavaScript) are collected into the
+        venv, shared by every stack, and served by whitenoise inside gunicorn.
+        """
+        admin = str(self.venv / "bin" / "django-admin")
+        if not (self.root / "storage" / "graphite.db").exists():
+            _run([admin, "migrate", "--noinput", "-v", "0"], env=self._env(), cwd=self.root)
+        if not (self.venv / "static" / ".collected").exists():
+            _run([admin, "collectstatic", "--noinput", "-v", "0"], env=self._env(),
+                 cwd=self.root)
+            (self.venv / "static" / ".collected").touch()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -265,7 +274,20 @@ class Stack:
         except BaseException:
             self.down()
             raise
+        self.save_dashboard()
         return self
+
+    def save_dashboard(self, name: str = "hongbao") -> bool:
+        """Save the main views as graphite-web dashboard `name` (best effort)."""
+        from monitor.views import dashboard_state
+
+        body = urllib.parse.urlencode({"state": json.dumps(dashboard_state(name))}).encode()
+        try:
+            with urllib.request.urlopen(f"{self.graphite_url}/dashboard/save/{name}", body,
+                                        timeout=10) as resp:
+                return "error" not in json.load(resp)
+        except (OSError, ValueError):
+            return False
 
     def wait_ready(self, deadline: float) -> None:
         pending = list(COMPONENTS)
@@ -444,12 +466,12 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: install | up | down | status | urls."""
+    """CLI: install | up | down | status | urls | env."""
     from monitor import views
 
     parser = argparse.ArgumentParser(prog="python -m monitor.stack", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["install", "up", "down", "status", "urls"])
+    parser.add_argument("command", choices=["install", "up", "down", "status", "urls", "env"])
     parser.add_argument("--root", type=Path,
                         default=Path(os.environ.get("HONGBAO_MONITOR_DIR") or DEFAULT_ROOT))
     parser.add_argument("--venv", type=Path,
@@ -467,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     recorded = stack.load_state()
     try:
         if args.command == "install":
-            spent = stack.install(quiet=False)
+            spent = stack.install()
             print("installed" if spent else "already installed",
                   ", ".join(f"{k} {v:.1f}s" for k, v in spent.items()))
         elif args.command == "up":
@@ -475,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             stack.up()
             print(f"up in {time.monotonic() - t0:.1f}s: statsd udp {stack.statsd_address}, "
                   f"graphite {stack.graphite_url}, data {stack.root}")
-            print(f"dashboard: {stack.graphite_url}/dashboard/  "
+            print(f"dashboard: {stack.graphite_url}/dashboard/hongbao  "
                   f"(`python -m monitor.stack urls` for the saved graphs)")
         elif args.command == "down":
             stopped = (recorded or stack).down()
@@ -486,6 +508,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:7} pid {st['pid']!s:8} running {st['running']!s:5} "
                       f"answers {st['answers']}")
             return 0 if all(st["answers"] for st in shown.status().values()) else 3
+        elif args.command == "env":
+            # For `make smoke`: settings read HONGBAO_STATSD, the report
+            # HONGBAO_GRAPHITE_URL. Prints nothing when the stack is down.
+            up = recorded if recorded is not None and recorded.probe("statsd") else None
+            if up is None:
+                print("metrics: monitor stack not running (`make monitor-up` to watch live); "
+                      "graphs come from the run's own records", file=sys.stderr)
+            else:
+                print(f"HONGBAO_STATSD={up.statsd_address} HONGBAO_GRAPHITE_URL={up.graphite_url}")
+                print(f"metrics: statsd {up.statsd_address}; watch live at "
+                      f"{up.graphite_url}/dashboard/hongbao", file=sys.stderr)
         elif args.command == "urls":
             shown = recorded or stack
             for name, url in views.graphite_urls(shown.graphite_url).items():

@@ -93,3 +93,30 @@ def graphite_urls(graphite_url: str, since: str | int = "-15min",
                    ("vtitle", view.ylabel), ("width", "900"), ("height", "350"), ("tz", "UTC")]
         urls[view.name] = f"{graphite_url}/render?{urllib.parse.urlencode(params)}"
     return urls
+
+
+def dashboard_state(name: str = "hongbao", minutes: int = 15) -> dict:
+    """A graphite-web dashboard (its /dashboard/save state) with one graph per view.
+
+    ``python -m monitor.stack up`` saves it, so ``/dashboard/hongbao`` shows
+    the main views live, refreshed every 5 s.
+    """
+    graphs = []
+    for view in VIEWS:
+        targets = [f"alias({s.target},'{s.label}')" for s in view.series if s.target]
+        params = {"target": targets, "title": view.title, "vtitle": view.ylabel}
+        query = urllib.parse.urlencode([("target", t) for t in targets]
+                                       + [("title", view.title), ("vtitle", view.ylabel)])
+        graphs.append([view.name, params, f"/render?{query}"])
+    return {
+        "name": name,
+        "timeConfig": {"type": "relative", "relativeStartQuantity": str(minutes),
+                       "relativeStartUnits": "minutes", "relativeUntilQuantity": "",
+                       "relativeUntilUnits": "now", "startDate": "", "startTime": "",
+                       "endDate": "", "endTime": ""},
+        "refreshConfig": {"enabled": True, "interval": 5000},
+        "graphSize": {"width": 500, "height": 280},
+        "defaultGraphParams": {"from": f"-{minutes}minutes", "until": "now", "width": 500,
+                               "height": 280, "tz": "UTC"},
+        "graphs": graphs,
+    }
