@@ -37,7 +37,7 @@ from typing import Any
 import gevent
 import psutil
 from gevent import subprocess
-from gevent.event import Event
+from gevent.event import AsyncResult, Event
 
 from app import settings
 from app.client_api import build_api, clock_offset
@@ -56,7 +56,8 @@ CLOCK_INTERVAL = 10.0  # seconds between clock-offset measurements
 RESTART_BACKOFF_CAP = 30.0  # seconds between restarts of a worker that keeps dying
 STOP_TIMEOUT = 3.0  # seconds a worker has to exit after "stop" before it is killed
 COUNTERS = ("sent", "skipped", "answered", "claims_sent", "claims_granted", "claim_amount",
-            "shake_amount", "logins", "reconnects", "connect_failures", "lost", "errors")
+            "shake_amount", "logins", "reconnects", "connects", "connect_failures", "lost",
+            "errors")
 
 
 class Child:
@@ -70,6 +71,7 @@ class Child:
         self.restarts = 0
         self.last: dict[str, Any] = {}
         self.latency: dict[str, float | None] = {}
+        self.coverage: AsyncResult | None = None
 
 
 class Second:
@@ -190,7 +192,22 @@ class Agent:
         return next((q for t, q in reversed(self.changes) if t <= tick), 0)
 
     # --- per-second merge ---------------------------------------------------------
+    def coverage(self, timeout: float = 5.0) -> dict[str, Any]:
+        """How evenly the users were asked so far, summed over the workers."""
+        for child in self.children:
+            child.coverage = AsyncResult()
+        self.tell({"coverage": True})
+        parts = [c.coverage.get(timeout=timeout) for c in self.children if c.coverage]
+        return {"users": sum(p["users"] for p in parts), "never": sum(p["never"] for p in parts),
+                "asks_min": min(p["asks_min"] for p in parts),
+                "asks_max": max(p["asks_max"] for p in parts),
+                "oldest_second": min(p["oldest_second"] for p in parts)}
+
     def receive(self, child: Child, record: dict[str, Any]) -> None:
+        if "coverage" in record:
+            if child.coverage is not None:
+                child.coverage.set(record["coverage"])
+            return
         child.last = record
         child.latency = Histogram(record.get("hist")).summary((50, 99))
         t = record["t"]

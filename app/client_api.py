@@ -13,6 +13,9 @@ address):
   second (the last 60 s without ``since``), results by code, latency
   percentiles (and per-second histograms with ``hist=1``), reconnects, clock
   offset, CPU seconds of the agent's processes.
+- ``GET /coverage`` — how evenly users were asked: users never asked, the
+  fewest and most asks per user, the oldest last-asked second (O(users):
+  for checks, not for polling under load).
 - ``GET /health`` — liveness and the agent's clock.
 """
 
@@ -22,6 +25,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
+import gevent
 from gevent import socket
 
 from app.client_schedule import share
@@ -57,6 +61,13 @@ def build_api(agent: Agent, token: str = "", allow: Any = ()) -> Api:
     def stats(request: Request) -> dict[str, Any]:
         since = request.int_param("since", 0, maximum=2**40)
         return agent.stats(since, hist=bool(request.int_param("hist", 0, maximum=1)))
+
+    @api.route("/coverage")
+    def coverage(request: Request) -> dict[str, Any]:
+        try:
+            return agent.coverage()
+        except gevent.Timeout:  # a BaseException: it must be named to be caught
+            raise HttpError(503, "a worker did not answer within 5 s") from None
 
     @api.route("/health")
     def health(request: Request) -> dict[str, Any]:

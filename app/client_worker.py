@@ -67,7 +67,8 @@ _SHAKE_SIZE = _SHAKE.size
 class Conn:
     """One user's connection; ``sent`` holds the send times of unanswered SHAKEs."""
 
-    __slots__ = ("pos", "userid", "fd", "state", "out", "buf", "sent", "attempt", "since")
+    __slots__ = ("pos", "userid", "fd", "state", "out", "buf", "sent", "attempt", "since",
+                 "asks", "asked")
 
     def __init__(self, pos: int, userid: int) -> None:
         self.pos = pos
@@ -79,6 +80,8 @@ class Conn:
         self.sent: list[float] = []
         self.attempt = 0
         self.since = 0.0
+        self.asks = 0  # SHAKEs sent for this user, and the second of the last one
+        self.asked = 0  # (read only by the on-demand coverage report)
 
 
 class Worker:
@@ -125,6 +128,7 @@ class Worker:
         self.logins = 0
         self.reconnects = 0
         self.connect_failures = 0
+        self.connects = 0  # attempts started (bounded by connect_rate)
         self.lost = 0  # SHAKEs unanswered when their connection died
         self.errors = 0
 
@@ -138,6 +142,7 @@ class Worker:
             "claims_granted": self.claims_granted, "claim_amount": self.claim_amount,
             "shake_amount": self.shake_amount, "logins": self.logins,
             "reconnects": self.reconnects, "connect_failures": self.connect_failures,
+            "connects": self.connects,
             "lost": self.lost, "errors": self.errors, "connections": self.ready,
             "qps": self.qps,
         }
@@ -149,6 +154,7 @@ class Worker:
 
     # --- connections ----------------------------------------------------------
     def connect(self, conn: Conn, now: float) -> None:
+        self.connects += 1
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
@@ -316,6 +322,8 @@ class Worker:
             msg = json.loads(line)
             if msg.get("stop"):
                 self.stopping = True
+            elif msg.get("coverage"):
+                self.coverage()
             elif "qps" in msg:
                 tick = int(msg.get("tick", 0))
                 if tick <= self.last_tick:
@@ -323,6 +331,16 @@ class Worker:
                 else:
                     self.changes.append((tick, int(msg["qps"])))
                     self.changes.sort()
+
+    def coverage(self) -> None:
+        """Report how evenly users were asked: O(connections), so only on request."""
+        asks = [c.asks for c in self.conns]
+        record = {"p": self.index, "coverage": {
+            "users": len(asks), "never": asks.count(0),
+            "asks_min": min(asks, default=0), "asks_max": max(asks, default=0),
+            "oldest_second": min((c.asked for c in self.conns), default=0)}}
+        sys.stdout.write(json.dumps(record) + "\n")
+        sys.stdout.flush()
 
     # --- pacing ---------------------------------------------------------------
     def run_tick(self, tick: int, now: float) -> None:
@@ -346,6 +364,8 @@ class Worker:
                 self.send(conn, frame_for(_SHAKE_SIZE, Command.SHAKE, second, conn.userid), now)
                 if conn.state == READY:
                     conn.sent.append(now)
+                    conn.asks += 1
+                    conn.asked = second
                     sent += 1
                 else:
                     skipped += 1  # the write found the connection gone

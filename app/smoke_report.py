@@ -200,8 +200,9 @@ def write_graphs(run_dir: Path) -> list[Path]:
         try:
             write_report(run_dir)
             return sorted(run_dir.glob("*.png")) + sorted(run_dir.glob("*.html"))
-        except Exception:  # the fallback below still gives the user graphs
-            log.exception("monitor.report failed; drawing the basic graphs instead")
+        except Exception as exc:  # the fallback below still gives the user graphs
+            log.warning("monitor.report failed (%s: %s); drawing the basic graphs instead",
+                        type(exc).__name__, exc)
     return draw_basic(run_dir)
 
 

@@ -1,0 +1,154 @@
+"""The client agent against the real server, over real loopback sockets.
+
+Counting rule for per-second exactness: every SHAKE carries in its header the
+wall-clock second it was scheduled in, and the server's ``per_second``
+counts by that stamp. So a request in flight across a second boundary
+still counts in the second it belongs to, and the check is exact equality:
+for every full second of the steady phase, the server's count equals the
+sum of the hosts' shares. (``per_second_arrival`` counts by arrival; there
+the ±1% allowance for in-flight requests would apply — it is not asserted.)
+
+All agents and servers are stopped by PID in the fixtures' finalizers.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from math import ceil
+
+import pytest
+
+from app.client_schedule import share
+from app.smoke import CLIENT_READY, Service, get_json
+
+
+@dataclass
+class AgentHandle:
+    service: Service
+    api: str
+
+    def get(self, path: str) -> dict:
+        return get_json(self.api, path)
+
+    def wait_connected(self, n: int, timeout: float = 30.0) -> float:
+        started = time.time()
+        while time.time() - started < timeout:
+            if self.get("/health")["connections"] >= n:
+                return time.time() - started
+            time.sleep(0.2)
+        raise AssertionError(f"{self.get('/health')} after {timeout}s, wanted {n} connections")
+
+
+@pytest.fixture
+def agents(tmp_path):
+    """Factory: ``agents(server, (first, last), host_index=0, hosts=1, qps=0, **flags)``."""
+    started: list[Service] = []
+
+    def start(server, users: tuple[int, int], host_index: int = 0, hosts: int = 1,
+              qps: int = 0, **flags: object) -> AgentHandle:
+        cmd = [sys.executable, "-m", "app.client", "--server", f"127.0.0.1:{server.port}",
+               "--server-control", f"127.0.0.1:{server.control_port}",
+               "--users", f"{users[0]}-{users[1]}", "--control", "127.0.0.1:0",
+               "--source", f"127.1.0.{host_index + 1}", "--hosts", str(hosts),
+               "--host-index", str(host_index), "--qps", str(qps),
+               "--host-name", f"test{host_index}"]
+        for name, value in flags.items():
+            cmd += [f"--{name.replace('_', '-')}", str(value)]
+        service = Service(f"client{host_index}", cmd,
+                          tmp_path / f"client{host_index}-{time.time_ns()}.log", CLIENT_READY)
+        started.append(service)
+        match = service.start()
+        return AgentHandle(service, f"{match.group(1)}:{match.group(2)}")
+
+    yield start
+    for service in started:
+        service.stop()
+
+
+def sleep_until(t: float) -> None:
+    time.sleep(max(0.0, t - time.time()))
+
+
+def test_server_counts_equal_the_sum_of_the_shares_every_second(start_server, agents):
+    server = start_server(sets=4)
+    total, hosts, per_host, steady = 1501, 3, 1000, 30  # 1501: the shares differ (501/500/500)
+    fleet = [agents(server, (1 + k * per_host, (k + 1) * per_host), host_index=k, hosts=hosts,
+                    **({"processes": 2} if k == 0 else {}))  # host 0 splits over 2 workers
+             for k in range(hosts)]
+    for agent in fleet:
+        agent.wait_connected(per_host)
+    at = int(time.time()) + 2
+    for agent in fleet:
+        assert agent.get(f"/qps?total={total}&at={at}")["from"] == at
+    end = at + steady
+    sleep_until(end + 1.5)  # the last second complete at both ends
+
+    coverage = [agent.get("/coverage") for agent in fleet]
+    stats = server.stats()
+    counted = {r["second"]: r["shakes"] for r in stats["per_second"]}
+    wrong = {t: counted.get(t) for t in range(at, end) if counted.get(t) != total}
+    assert not wrong, f"server seconds off the target {total}: {wrong}"
+    for k, agent in enumerate(fleet):
+        rows = {r["second"]: r for r in agent.get(f"/stats?since={at}")["per_second"]}
+        sent = {t: rows[t]["sent"] for t in range(at, end)}
+        assert set(sent.values()) == {share(total, hosts, k)}, sent
+        assert all(rows[t]["skipped"] == 0 for t in range(at, end))
+    # every user in each host's range asked within n/q seconds, all equally often
+    now = int(time.time())
+    for k, cov in enumerate(coverage):
+        q = share(total, hosts, k)
+        assert cov["users"] == per_host and cov["never"] == 0, cov
+        assert cov["asks_max"] - cov["asks_min"] <= 1, cov
+        assert cov["oldest_second"] >= now - ceil(per_host / q) - 2, cov
+    health = fleet[0].get("/stats")
+    assert health["clock_offset_ms"] is not None and abs(health["clock_offset_ms"]) < 50
+
+
+def test_reconnects_converge_after_a_server_restart_without_a_stampede(start_server, agents):
+    server = start_server(sets=2)
+    port, n, rate = server.port, 3000, 1000
+    agent = agents(server, (1, n), qps=300, connect_rate=rate)
+    agent.wait_connected(n)
+    lost_at = int(time.time())
+    server.terminate()
+    time.sleep(1.5)  # down long enough for failed attempts to back off
+    start_server(sets=2, port=port)
+    converged = agent.wait_connected(n, timeout=60)
+    time.sleep(1.2)  # the last second's record
+    rows = agent.get(f"/stats?since={lost_at}")["per_second"]
+    connects = [r["connects"] for r in rows]
+    # token bucket: at most `rate` a second plus a burst of rate/10
+    assert max(connects) <= rate * 1.1 + 1, connects
+    assert sum(r["logins"] for r in rows) >= n
+    assert converged < 45
+
+
+def test_qps_change_takes_effect_within_one_second(start_server, agents):
+    server = start_server(sets=2)
+    agent = agents(server, (1, 2000), qps=200, pacing="burst")
+    agent.wait_connected(2000)
+    time.sleep(1.5)
+    asked = time.time()
+    answer = agent.get("/qps?qps=700")
+    assert answer["previous"] == 200 and answer["from"] - asked < 0.1
+    change = int(asked)
+    sleep_until(change + 3.2)
+    rows = {r["second"]: r["sent"] for r in agent.get(f"/stats?since={change - 1}")["per_second"]}
+    assert rows[change - 1] == 200
+    assert rows[change + 1] == 700 and rows[change + 2] == 700
+    counted = {r["second"]: r["shakes"] for r in server.stats()["per_second"]}
+    assert counted[change + 1] == 700
+    assert agent.get("/qps?total=0")["qps"] == 0
+
+
+def test_qps_route_refuses_nonsense(start_server, agents):
+    server = start_server(sets=1)
+    agent = agents(server, (1, 10))
+    import urllib.error
+
+    for path in ("/qps", "/qps?qps=-1", "/qps?total=5&index=3&hosts=2", "/qps?qps=1&at=x"):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            agent.get(path)
+        assert info.value.code == 400, path

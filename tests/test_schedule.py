@@ -1,0 +1,118 @@
+"""The rotating-window scheduler and the latency histogram, with no sockets."""
+
+from collections import Counter
+from math import ceil
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from app.client_histogram import Histogram, bounds, bucket
+from app.client_schedule import clip, second_count, share, split, tick_span
+
+T0 = 1_795_000_000  # a wall-clock second of today's size: the arithmetic must not care
+
+
+def asked(second: int, qps: int, n: int, ticks: int, pacing: str = "even",
+          parts: int = 1) -> Counter:
+    """Positions asked in ``second`` by a host of ``parts`` processes."""
+    seen: Counter = Counter()
+    for a, b in split(n, parts):
+        for k in range(ticks):
+            start, count = tick_span(second, k, qps, n, ticks, pacing)
+            for lo, hi in clip(start, count, n, a, b):
+                seen.update(range(lo, hi))
+    return seen
+
+
+def test_share_gives_the_remainder_to_the_first_hosts():
+    assert [share(10, 3, i) for i in range(3)] == [4, 3, 3]
+    assert [share(2, 3, i) for i in range(3)] == [1, 1, 0]
+
+
+@given(st.integers(0, 10**7), st.integers(1, 200))
+def test_shares_sum_to_the_total(total, hosts):
+    shares = [share(total, hosts, i) for i in range(hosts)]
+    assert sum(shares) == total and max(shares) - min(shares) <= 1
+
+
+@given(st.integers(0, 50_000), st.integers(1, 60_000), st.sampled_from([1, 10, 100, 1000]),
+       st.integers(0, 10**6))
+def test_even_ticks_sum_to_exactly_the_share(qps, n, ticks, dt):
+    counts = [tick_span(T0 + dt, k, qps, n, ticks)[1] for k in range(ticks)]
+    assert sum(counts) == qps
+    assert max(counts) - min(counts) <= 1  # even: no tick carries more than one extra
+
+
+def test_burst_sends_everything_in_the_first_tick():
+    counts = [tick_span(T0, k, 700, 5000, 100, "burst")[1] for k in range(100)]
+    assert counts[0] == 700 and sum(counts) == 700
+
+
+@settings(deadline=None)
+@given(st.integers(1, 3000), st.integers(1, 5000), st.integers(1, 6),
+       st.sampled_from(["even", "burst"]), st.integers(0, 10**6))
+def test_processes_together_send_the_window_exactly_once(qps, n, parts, pacing, dt):
+    second = T0 + dt
+    seen = asked(second, qps, n, 10, pacing, parts)
+    assert sum(seen.values()) == qps
+    start = second * qps % n
+    expected = Counter((start + i) % n for i in range(qps))
+    assert seen == expected
+
+
+@settings(deadline=None, max_examples=60)
+@given(st.integers(1, 500), st.integers(1, 600), st.integers(0, 10**6))
+def test_every_user_is_asked_within_n_over_q_seconds(qps, n, dt):
+    window = ceil(n / qps)
+    seen: Counter = Counter()
+    for t in range(T0 + dt, T0 + dt + window):
+        seen += asked(t, qps, n, 4)
+    assert set(seen) == set(range(n))
+    # a contiguous sweep: each user asked floor or ceil of (window * qps / n) times
+    assert max(seen.values()) - min(seen.values()) <= 1
+
+
+def test_over_many_sweeps_users_are_asked_equally_often():
+    n, qps = 1000, 250  # 4 s per sweep
+    seen: Counter = Counter()
+    for t in range(T0, T0 + 40):  # exactly 10 sweeps
+        seen += asked(t, qps, n, 10, parts=3)
+    assert set(seen.values()) == {10}
+
+
+def test_clip_handles_more_qps_than_users():
+    assert clip(3, 25, 10, 0, 10) == [(0, 10), (0, 10), (3, 8)]
+    assert clip(8, 5, 10, 0, 5) == [(0, 3)]
+    assert clip(8, 5, 10, 5, 10) == [(8, 10)]
+
+
+@settings(deadline=None)
+@given(st.integers(0, 5000), st.integers(1, 5000), st.integers(1, 5))
+def test_second_count_matches_the_split(qps, n, parts):
+    total = sum(second_count(qps, n, a, b, T0, 10) for a, b in split(n, parts))
+    assert total == qps
+
+
+def test_split_covers_every_position_once():
+    ranges = split(19_001, 4)
+    assert ranges[0][0] == 0 and ranges[-1][1] == 19_001
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+
+
+@given(st.integers(0, 10**9))
+def test_histogram_bucket_holds_its_value_within_one_sixteenth(us):
+    low, high = bounds(bucket(us))
+    assert low <= us <= high
+    assert high - low <= max(0, low // 8)
+
+
+def test_histogram_percentiles_and_merge():
+    h = Histogram()
+    for us in range(1, 1001):  # 1 µs .. 1 ms
+        h.record(us * 1000 // 1000)
+    other = Histogram(h.to_json())
+    other.merge(h)
+    assert other.total == 2000
+    assert abs(other.percentile(50) - 0.5) < 0.5 * 0.07
+    assert abs(other.percentile(99) - 0.99) < 0.99 * 0.07
+    assert Histogram().percentile(50) is None
