@@ -107,7 +107,8 @@ def series_from_graphite(url: str, view: View, start: int, end: int) -> dict[str
         result = fetch_series(url, s.target, start - 2, end + 3)
         points = [(ts - GRAPHITE_SHIFT, float(v)) for item in result
                   for v, ts in item["datapoints"] if v is not None]
-        points = [(t, v) for t, v in points if start - 1 <= t <= end + 1]
+        # Keep the points whose second is mostly inside [start, end + 1).
+        points = [(t, v) for t, v in points if start - 0.5 <= t < end + 0.5]
         if points:
             out[s.label] = points
     return out

@@ -1,0 +1,161 @@
+"""monitor.report without Graphite: the run's seconds.jsonl, and a fake render API.
+
+The fake render API is a real HTTP server on a free loopback port that
+answers /render like graphite-web (JSON, and a PNG for the saved view), so
+the Graphite path is tested here without the stack; the real stack is
+tested in test_monitor_stack.py.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from monitor import report, views
+
+T0 = 1_795_600_000
+
+
+def write_records(run_dir, seconds: int = 30, skip: tuple[str, ...] = ()) -> list[dict]:
+    rows = []
+    for i in range(seconds):
+        q = 1000 if i < seconds // 2 else 2000
+        row = {"t": T0 + i, "client_sent": q, "client_answered": q, "server_shakes": q,
+               "server_by_result": {"14": q // 10, "15": q - q // 10},
+               "connections": 3000, "envelopes_generated": 50, "envelopes_granted": 40,
+               "group_claimed": 9, "amount_generated": 5000, "amount_granted": 4000,
+               "latency_p50_ms": 0.8, "latency_p99_ms": 3.0 + i % 3, "target_qps": q,
+               "net_pps": 4 * q}
+        rows.append({k: v for k, v in row.items() if k not in skip})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "seconds.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+        f.write('{"t": 17956')  # a run killed mid-write
+    return rows
+
+
+def test_report_from_run_records(tmp_path):
+    run = tmp_path / "run"
+    rows = write_records(run)
+    paths = report.write_report(run, graphite_url="http://127.0.0.1:9")  # nobody there
+    names = [p.name for p in paths]
+    assert names[-1] == "index.html"
+    assert set(names[:-1]) == {"qps.png", "results.png", "connections.png", "envelopes.png",
+                               "amounts.png", "network.png", "latency.png"}
+    for p in paths[:-1]:
+        assert p.read_bytes().startswith(b"\x89PNG") and p.stat().st_size > 5000
+    summary = json.loads((run / "report.json").read_text())
+    assert summary["source"].endswith("seconds.jsonl")
+    assert (summary["start"], summary["end"]) == (T0, T0 + 29)
+    qps = summary["graphs"]["qps"]["series"]
+    assert qps["client sent"] == qps["server shakes"] == sum(r["client_sent"] for r in rows)
+    assert summary["graphs"]["results"]["series"]["14 got an envelope"] == sum(
+        r["server_by_result"]["14"] for r in rows)
+    assert summary["graphs"]["latency"]["series"]["p99"] == 5.0  # a level: the peak
+    assert summary["graphs"]["envelopes"]["series"] == {
+        "generated": 1500, "granted": 1200, "group claimed": 270}
+    assert summary["missing"] == ["server_health"]
+    html = (run / "index.html").read_text()
+    for p in paths[:-1]:
+        assert f'src="{p.name}"' in html
+
+
+def test_missing_keys_are_skipped_and_the_window_is_respected(tmp_path):
+    run = tmp_path / "run"
+    write_records(run, skip=("net_pps", "latency_p50_ms", "latency_p99_ms"))
+    report.write_report(run, graphite_url="", start=T0 + 10, end=T0 + 19)
+    summary = json.loads((run / "report.json").read_text())
+    assert "network" in summary["missing"] and "latency" in summary["missing"]
+    assert summary["graphs"]["qps"]["series"]["client sent"] == 5 * 1000 + 5 * 2000
+
+
+def test_no_records_and_no_graphite_gives_an_empty_page_not_an_error(tmp_path):
+    paths = report.write_report(tmp_path / "empty", graphite_url="", start=T0, end=T0 + 5)
+    assert [p.name for p in paths] == ["index.html"]
+    page = (tmp_path / "empty" / "index.html").read_text()
+    assert all(v.title in page for v in views.VIEWS)  # listed under "no data"
+
+
+class FakeGraphite(BaseHTTPRequestHandler):
+    """/render like graphite-web: JSON series with statsd-stamped points, a PNG for views."""
+
+    points: dict[str, float] = {}
+
+    def do_GET(self) -> None:
+        url = urllib.parse.urlparse(self.path)
+        query = urllib.parse.parse_qs(url.query)
+        if query.get("format") != ["json"]:
+            self.reply(b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "image/png")
+            return
+        target = query["target"][0]
+        if target.startswith("constantLine"):  # report.graphite_answers() asks this
+            self.reply(json.dumps([{"target": target, "datapoints": [[1, T0]]}]).encode(),
+                       "application/json")
+            return
+        start, end = int(query["from"][0]), int(query["until"][0])
+        value = self.points.get(target)
+        body = [] if value is None else [{"target": target, "datapoints": [
+            [value, ts] for ts in range(start, end + 1)]}]
+        self.reply(json.dumps(body).encode(), "application/json")
+
+    def reply(self, body: bytes, kind: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_graphite():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeGraphite)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_report_from_graphite_shifts_points_and_keeps_record_only_series(tmp_path,
+                                                                         fake_graphite):
+    qps_view = next(v for v in views.VIEWS if v.name == "qps")
+    FakeGraphite.points = {qps_view.series[0].target: 100.0,
+                           qps_view.series[2].target: 100.0}
+    run = tmp_path / "run"
+    write_records(run, seconds=10)
+    report.write_report(run, fake_graphite, start=T0, end=T0 + 9)
+    summary = json.loads((run / "report.json").read_text())
+    assert summary["source"] == f"Graphite {fake_graphite}"
+    series = summary["graphs"]["qps"]["series"]
+    # Points stamped t are drawn at t - 1.5: one per second of the window.
+    assert series["client sent"] == series["server shakes"] == 100.0 * 10
+    assert series["target"] == 5 * 1000 + 5 * 2000  # only the run records have it
+    # Graphite had nothing for the others: the run records fill in.
+    assert summary["graphs"]["connections"]["series"] == {"server": 3000}
+    assert summary["graphite_png"] == "graphite-qps.png"
+    assert (run / "graphite-qps.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_parse_time_forms():
+    assert report.parse_time("1795600000") == 1795600000
+    assert report.parse_time("-15min", now=1000.0) == 100
+    assert report.parse_time("-2h", now=10_000.0) == 2800
+    assert report.parse_time("2026-11-25T00:00:00") == report.parse_time(
+        "2026-11-25T00:00:00+00:00")
+
+
+def test_saved_urls_and_dashboard_cover_every_view():
+    urls = views.graphite_urls("http://127.0.0.1:8180", T0, T0 + 60)
+    assert set(urls) == {v.name for v in views.VIEWS}
+    assert "from=1795600000" in urls["qps"] and "target=alias" in urls["qps"]
+    state = views.dashboard_state()
+    assert [g[0] for g in state["graphs"]] == [v.name for v in views.VIEWS]
+    json.dumps(state)
