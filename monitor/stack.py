@@ -184,6 +184,7 @@ class Stack:
         values = {
             "root": str(self.root),
             "venv": str(self.venv),
+            "monitor": str(MONITOR_DIR),
             "retentions": self.retentions,
             "secret_key": secret.read_text().strip(),
             **{k: str(v) for k, v in asdict(self.ports).items()},
