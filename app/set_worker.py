@@ -616,11 +616,15 @@ class SetWorker:
                 log.info("SET %d: supervisor gone; stopping", self.set_id)
                 self.stop()
                 return
+            seq = None
             try:
                 request = json.loads(line)
+                seq = request.get("seq")
                 answer = self.handle_control(request)
-            except (ValueError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 answer = {"error": f"bad control request: {exc}"}
+            if seq is not None:
+                answer = {**answer, "seq": seq}  # lets the supervisor skip stale answers
             sock.sendall(json.dumps(answer, separators=(",", ":")).encode() + b"\n")
 
     def handle_control(self, request: dict) -> dict:

@@ -78,6 +78,7 @@ class SetHandle:
         self.failed: str | None = None  # why it will not be restarted
         self.misses = 0
         self.last_exit: int | None = None
+        self.seq = 0  # control request number; answers echo it
 
 
 class Supervisor:
@@ -190,15 +191,26 @@ class Supervisor:
 
     # -------------------------------------------------------------- control
     def ask(self, handle: SetHandle, request: dict, timeout: float = CONTROL_TIMEOUT) -> dict:
-        """One request/answer on a SET's control socket (serialised per SET)."""
+        """One request/answer on a SET's control socket (serialised per SET).
+
+        Every request carries a sequence number the SET echoes: an answer that
+        arrives after its asker timed out is skipped by the next asker instead
+        of being taken for its own answer (a slow-booting SET used to answer
+        a timed-out ping to the following /stats request).
+        """
         with handle.lock, gevent.Timeout(timeout):
             if handle.control is None:
                 raise OSError(f"SET {handle.set_id} is not running")
-            handle.control.sendall(json.dumps(request).encode() + b"\n")
-            line = handle.reader.readline()
-            if not line:
-                raise OSError(f"SET {handle.set_id} closed its control socket")
-            return json.loads(line)
+            handle.seq += 1
+            seq = handle.seq
+            handle.control.sendall(json.dumps({**request, "seq": seq}).encode() + b"\n")
+            while True:
+                line = handle.reader.readline()
+                if not line:
+                    raise OSError(f"SET {handle.set_id} closed its control socket")
+                answer = json.loads(line)
+                if answer.pop("seq", seq) == seq:
+                    return answer
 
     def ask_all(self, make_request: Any) -> list[dict | None]:
         """Ask every SET at once; None for a SET that is down or did not answer."""
