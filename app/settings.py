@@ -149,7 +149,7 @@ SETTINGS: tuple[Setting, ...] = (
     # --- smoke run (one machine: server + simulated client hosts)
     Setting("connections", _positive, "20000", "connections over all simulated hosts", M),
     Setting("hosts", _positive, "3", "simulated client hosts (127.1.0.1, 127.1.0.2, ...)", M),
-    Setting("qps", _positive, "6000", "peak SHAKEs per second; phases run 30% and 60%", M),
+    Setting("qps", _positive, "10000", "peak SHAKEs per second; phases run 30% and 60%", M),
     Setting("sets", _positive, "4", "server SET workers", M),
     Setting("phase_seconds", _positive, "30", "seconds of each loaded phase", M),
     Setting("idle_seconds", _positive, "10", "seconds of the idle phase", M),

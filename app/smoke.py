@@ -90,9 +90,18 @@ class Service:
             proc.wait()
 
 
-def get_json(address: str, path: str, timeout: float = 10.0) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://{address}{path}", timeout=timeout) as resp:
-        return json.loads(resp.read())
+def get_json(address: str, path: str, timeout: float = 10.0, tries: int = 1) -> dict[str, Any]:
+    """GET a control API's JSON; ``tries`` > 1 retries errors (a busy server may answer 500)."""
+    for attempt in range(tries):
+        try:
+            with urllib.request.urlopen(f"http://{address}{path}", timeout=timeout) as resp:
+                return json.loads(resp.read())
+        except (OSError, ValueError) as exc:  # URLError and HTTPError are OSErrors
+            if attempt == tries - 1:
+                raise
+            log.warning("GET %s%s failed (%s); retrying", address, path, exc)
+            time.sleep(0.5)
+    raise AssertionError("unreachable")
 
 
 @dataclass
@@ -169,11 +178,12 @@ class Smoke:
 
     def set_total(self, total: int, at: int) -> None:
         for address in self.client_apis:
-            get_json(address, f"/qps?total={total}&at={at}")
+            get_json(address, f"/qps?total={total}&at={at}", tries=3)
 
     def cpu_seconds(self) -> float:
         # a ``since`` in the future: the CPU figure without the per-second history
-        return sum(get_json(a, f"/stats?since={2**39}")["cpu_seconds"] for a in self.client_apis)
+        return sum(get_json(a, f"/stats?since={2**39}", tries=3)["cpu_seconds"]
+                   for a in self.client_apis)
 
     def run_phases(self) -> None:
         c = self.config
@@ -193,10 +203,11 @@ class Smoke:
             now = time.time()
             if not envelopes_started and loaded and now >= loaded[0].start:
                 span = loaded[-1].end - loaded[0].start
-                get_json(self.server_api, f"/yaohongbao?qps={rate}&sum={rate * span * 4 // 5}")
+                get_json(self.server_api, f"/yaohongbao?qps={rate}&sum={rate * span * 4 // 5}",
+                         tries=3)
                 get_json(self.server_api, f"/fahongbao?qps={GROUPS_PER_SECOND}&sum="
                                           f"{GROUPS_PER_SECOND * (span - 5)}&min=1"
-                                          f"&max={c.connections}")
+                                          f"&max={c.connections}", tries=3)
                 envelopes_started = True
             for phase in self.phases:
                 if phase.start <= now < phase.end and phase.cpu_start is None \
@@ -207,10 +218,17 @@ class Smoke:
             self.poll_second(now)
             self.check_alive()
             time.sleep(max(0.05, 1.0 - (time.time() % 1.0) + 0.3))
+        for phase in self.phases:  # a phase whose end the loop overslept
+            if phase.cpu_start is not None and phase.cpu_end is None:
+                phase.cpu_end, phase.cpu_end_time = self.cpu_seconds(), time.time()
 
     def poll_second(self, now: float) -> None:
         """Snapshot the server's cumulative ledger and connections; print the progress line."""
-        stats = get_json(self.server_api, "/stats?seconds=3")
+        try:
+            stats = get_json(self.server_api, "/stats?seconds=3")
+        except (OSError, ValueError) as exc:  # a missed snapshot: the next one covers it
+            log.warning("server /stats failed: %s", exc)
+            return
         second = int(now)
         self.polled[second] = {"connections": stats["connections"], "ledger": stats["ledger"],
                                "group": stats["group"]}
@@ -225,8 +243,9 @@ class Smoke:
 
     def collect(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         since = self.phases[0].start - 1
-        server = get_json(self.server_api, "/stats?seconds=300")
-        clients = [get_json(a, f"/stats?since={since}&hist=1") for a in self.client_apis]
+        server = get_json(self.server_api, "/stats?seconds=300", tries=5)
+        clients = [get_json(a, f"/stats?since={since}&hist=1", tries=3)
+                   for a in self.client_apis]
         seconds = build_seconds(server, clients, self.polled, self.phases[0].start,
                                 self.phases[-1].end)
         return seconds, {"server": server, "clients": clients}
