@@ -39,7 +39,7 @@ import psutil
 from gevent import subprocess
 from gevent.event import AsyncResult, Event
 
-from app import settings
+from app import settings, sysmetrics
 from app.client_api import build_api, clock_offset
 from app.client_histogram import Histogram
 from app.client_schedule import split
@@ -121,7 +121,8 @@ class Agent:
         self.hist = Histogram()
         self.offset: float | None = None
         self.rtt: float | None = None
-        self.metrics = Metrics(f"hongbao.client.{self.host.replace('.', '_')}", config.statsd)
+        self.metrics = Metrics(f"hongbao.client.{sysmetrics.sanitize(self.host)}", config.statsd)
+        self.net: Metrics | None = None
         self.quit = Event()  # set by signals and halt(); main() then calls stop()
         self.stopped = Event()
         self.failed = ""
@@ -135,6 +136,7 @@ class Agent:
                 "connect_rate": c.connect_rate / len(self.children), "log_level": c.log_level}
 
     def spawn_worker(self, child: Child) -> None:
+        child.last, child.latency = {}, {}  # a restarted worker starts with no connections
         child.proc = subprocess.Popen(
             [sys.executable, "-m", "app.client_worker", json.dumps(self.spec(child))],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -243,6 +245,8 @@ class Agent:
                     m.gauge(f"p{child.index}.latency_{p}_ms", child.latency[p])
             if self.offset is not None:
                 m.gauge(f"p{child.index}.clock_offset_ms", round(self.offset * 1000, 3))
+            if "lag_ms" in child.last:
+                m.gauge(f"p{child.index}.loop_lag_ms", child.last["lag_ms"])
 
     @property
     def connections(self) -> int:
@@ -279,7 +283,8 @@ class Agent:
             "processes": [{"index": c.index, "pid": c.proc.pid if c.proc else None,
                            "users": [self.first + c.begin, self.first + c.end - 1],
                            "connections": c.last.get("connections", 0),
-                           "restarts": c.restarts, **c.latency} for c in self.children],
+                           "restarts": c.restarts, "loop_lag_ms": c.last.get("lag_ms"),
+                           **c.latency} for c in self.children],
         }
 
     # --- clock, lifecycle -----------------------------------------------------------
@@ -300,6 +305,11 @@ class Agent:
         for child in self.children:
             self.spawn_worker(child)
         self.metrics.start()
+        if self.config.statsd:  # packets and bytes per interface, once per host
+            self.net = Metrics(f"hongbao.net.{sysmetrics.sanitize(self.host)}",
+                               self.config.statsd)
+            sysmetrics.start(self.net, gc=False, loop=False, net=True)
+            self.net.start()
         gevent.spawn(self.measure_clock).name = "clock"
         api = build_api(self, self.config.token, self.config.allow)
         self.http = serve(api, self.config.client_control)
@@ -329,6 +339,8 @@ class Agent:
         if getattr(self, "http", None) is not None:
             self.http.stop(timeout=1)
         self.metrics.stop()
+        if self.net is not None:
+            self.net.stop()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -131,6 +131,7 @@ class Worker:
         self.connects = 0  # attempts started (bounded by connect_rate)
         self.lost = 0  # SHAKEs unanswered when their connection died
         self.errors = 0
+        self.lag = 0.0  # worst lateness of a tick behind its wall-clock time (loop lag)
 
     def report(self, second: int) -> None:
         """Write second ``second``'s record to the parent and start the next."""
@@ -144,7 +145,7 @@ class Worker:
             "reconnects": self.reconnects, "connect_failures": self.connect_failures,
             "connects": self.connects,
             "lost": self.lost, "errors": self.errors, "connections": self.ready,
-            "qps": self.qps,
+            "qps": self.qps, "lag_ms": round(self.lag * 1000, 3),
         }
         sent, skipped = self.sent, self.skipped
         self._reset_counters()
@@ -383,6 +384,7 @@ class Worker:
             gevent.sleep(max(0.0, (int(now * ticks) + 1) / ticks - now))
             now = time.time()
             current = int(now * ticks)
+            self.lag = max(self.lag, now - (self.last_tick + 1) / ticks)
             if current - self.last_tick > MAX_CATCH_UP * ticks:
                 log.warning("process %d: %d ticks late, skipping them",
                             self.index, current - self.last_tick)

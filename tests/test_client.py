@@ -152,3 +152,23 @@ def test_qps_route_refuses_nonsense(start_server, agents):
         with pytest.raises(urllib.error.HTTPError) as info:
             agent.get(path)
         assert info.value.code == 400, path
+
+
+def test_a_killed_worker_is_restarted_and_its_users_come_back(start_server, agents):
+    import os
+    import signal
+
+    server = start_server(sets=2)
+    agent = agents(server, (1, 2000), qps=100, processes=2, statsd="127.0.0.1:9")
+    agent.wait_connected(2000)
+    victim = agent.get("/stats")["processes"][1]
+    os.kill(victim["pid"], signal.SIGKILL)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        procs = agent.get("/stats")["processes"]
+        if procs[1]["restarts"] == 1 and procs[1]["pid"] != victim["pid"]:
+            break
+        time.sleep(0.2)
+    assert procs[1]["restarts"] == 1, procs
+    agent.wait_connected(2000)
+    assert agent.get("/stats")["processes"][0]["restarts"] == 0
