@@ -204,13 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--qps", type=int, default=50000)
     srv.add_argument("--seconds", type=float, default=10.0)
     srv.add_argument("--json", help="also write the results to this file")
-    scale = sub.add_parser("scale", help="the full-size run (see app.bench_scale)")
-    scale.add_argument("rest", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    if args.command == "scale":
+    sub.add_parser("scale", help="the full-size run: see 'scale --help' (app.bench_scale)",
+                   add_help=False)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["scale"]:
         from app import bench_scale
 
-        return bench_scale.main(args.rest)
+        return bench_scale.main(argv[1:])
+    args = parser.parse_args(argv)
     results = bench_server(args)
     print_table(results, args)
     if args.json:

@@ -1,0 +1,513 @@
+"""The scale benchmark: the classic experiment on one machine, every figure in one table.
+
+Run it::
+
+    make bench-scale    # = python -m app.bench scale (defaults below: the full run)
+    python -m app.bench scale --connections 1000000 --hosts 17 \\
+        --phases 30000,60000 --hold 60 --phase-seconds 60
+    python -m app.bench scale --connections 50000 --hosts 3 --phases 3000 \\
+        --hold 5 --phase-seconds 10          # a small rehearsal
+
+It starts the server (SETs sized for the descriptor limit) and ``--hosts``
+simulated client hosts on distinct loopback addresses (several per host, so
+no address runs out of source ports), connects and logs in every user with a
+progress line, holds, then runs each QPS phase with shake envelopes (83/s)
+and group envelopes (200/s) being generated. It writes ``result.json``,
+``seconds.jsonl`` and the report's graphs to ``runs/scale-<time>/`` and
+prints connections held and dropped, bytes per connection (server user
+space, client user space, kernel), CPU µs per request (server and clients),
+per-phase QPS accuracy, latency p50/p99/p999, worst loop lag and GC pause,
+errors by kind and the ledger.
+
+As root it runs inside a network namespace it creates (and deletes), with
+its own port range and accept queues; elsewhere in the current one.
+
+Safety: MemAvailable is watched every half second; below ``--mem-floor-mb``
+the run stops cleanly and reports how far it got and which resource ran out.
+Every process is stopped by PID on the way out, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from app import netns
+from app.client_histogram import Histogram
+from app.smoke import CLIENT_READY, SERVER_READY, Service, get_json, progress
+from app.smoke_report import Phase, build_seconds, ledger_check, phase_summary, write_graphs
+
+log = logging.getLogger("hongbao.scale")
+
+ROOT = Path(__file__).resolve().parent.parent
+ADDRESS_CONNECTIONS = 30_000  # connections per source address (of ~64k ports in the netns)
+SHAKE_ENVELOPES_PER_S = 83  # the classic's generation rate
+GROUPS_PER_S = 200  # the classic's group sending rate
+POLL = 0.5  # seconds between resource checks
+
+
+class OutOfResource(Exception):
+    """The machine ran short of something; the run stops and reports how far it got."""
+
+
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes."""
+    out = {}
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            key, value = line.split(":", 1)
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def rss_bytes(procs: list[psutil.Process]) -> int:
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+class ScaleRun:
+    """One run: its processes, what it measured, and why it stopped."""
+
+    def __init__(self, args: argparse.Namespace, run_dir: Path) -> None:
+        self.args = args
+        self.run_dir = run_dir
+        self.server: Service | None = None
+        self.clients: list[Service] = []
+        self.client_apis: list[str] = []
+        self.phases: list[Phase] = []
+        self.polled: dict[int, dict[str, Any]] = {}
+        self.figures: dict[str, Any] = {"stopped_by": None}
+        self.mem_floor = args.mem_floor_mb * 2**20
+
+    # ------------------------------------------------------------- processes
+    def start_server(self) -> None:
+        a = self.args
+        cmd = [sys.executable, "-m", "app.server", "--host", "127.0.0.1", "--port", "0",
+               "--control", "127.0.0.1:0", "--sets", str(a.sets) if a.sets else "auto",
+               "--target-connections", str(a.connections),
+               "--journal-dir", str(self.run_dir / "journal"),
+               "--shake-budget", str(max(200_000, 2 * max(a.phases, default=0))),
+               "--claim-ttl", "30", "--log-level", "warning"]
+        self.server = Service("server", cmd, self.run_dir / "server.log", SERVER_READY)
+        match = self.server.start(timeout=300)
+        self.port = int(match.group(1))
+        self.server_api = f"{match.group(2)}:{match.group(3)}"
+        self.sets = get_json(self.server_api, "/health")["sets"]
+
+    def start_clients(self) -> None:
+        a = self.args
+        per_host_rate = max(1, a.connect_rate // a.hosts)
+        for k in range(a.hosts):
+            first = 1 + k * a.connections // a.hosts
+            last = (k + 1) * a.connections // a.hosts
+            addresses = max(1, math.ceil((last - first + 1) / ADDRESS_CONNECTIONS))
+            sources = ",".join(f"127.{1 + k // 250}.{k % 250}.{i + 1}" for i in range(addresses))
+            cmd = [sys.executable, "-m", "app.client", "--server", f"127.0.0.1:{self.port}",
+                   "--server-control", self.server_api, "--users", f"{first}-{last}",
+                   "--control", "127.0.0.1:0", "--source", sources,
+                   "--host-name", f"scale{k}", "--hosts", str(a.hosts), "--host-index", str(k),
+                   "--qps", "0", "--pacing", a.pacing, "--connect-rate", str(per_host_rate),
+                   "--log-level", "warning"]
+            service = Service(f"client{k}", cmd, self.run_dir / f"client{k}.log", CLIENT_READY)
+            self.clients.append(service)
+            match = service.start(timeout=120)
+            self.client_apis.append(f"{match.group(1)}:{match.group(2)}")
+
+    def stop_all(self) -> None:
+        for service in [*self.clients, self.server]:
+            if service is not None:
+                try:
+                    service.stop()
+                except Exception:
+                    log.exception("stopping %s", service.name)
+
+    def server_procs(self) -> list[psutil.Process]:
+        return tree(self.server.proc.pid) if self.server and self.server.proc else []
+
+    def client_procs(self) -> list[psutil.Process]:
+        return [p for s in self.clients if s.proc for p in tree(s.proc.pid)]
+
+    # ------------------------------------------------------------ watching
+    def check(self) -> dict[str, int]:
+        """Resources now; raise OutOfResource before the machine runs short."""
+        mem = meminfo()
+        if mem["MemAvailable"] < self.mem_floor:
+            raise OutOfResource(f"memory: MemAvailable {mem['MemAvailable'] >> 20} MiB "
+                                f"< floor {self.mem_floor >> 20} MiB")
+        for service in [self.server, *self.clients]:
+            if service and service.proc and service.proc.poll() is not None:
+                raise OutOfResource(f"process: {service.name} exited with "
+                                    f"{service.proc.returncode} (see {service.log_path})")
+        return mem
+
+    def client_connections(self) -> int:
+        return sum(get_json(a, "/health", tries=3)["connections"] for a in self.client_apis)
+
+    def connect_all(self) -> None:
+        a = self.args
+        started = time.time()
+        last_n, last_t = 0, started
+        while True:
+            mem = self.check()
+            n = self.client_connections()
+            now = time.time()
+            rate = (n - last_n) / max(now - last_t, 1e-6)
+            last_n, last_t = n, now
+            self.figures["connected"] = n
+            progress(f"connecting: {n:>8}/{a.connections} ({100 * n / a.connections:5.1f}%) "
+                     f"{rate:8.0f}/s  MemAvailable {mem['MemAvailable'] >> 20} MiB  "
+                     f"{now - started:5.0f}s")
+            if n >= a.connections:
+                break
+            if now - started > a.connect_timeout:
+                raise OutOfResource(f"time: only {n} of {a.connections} connections logged "
+                                    f"in after {a.connect_timeout}s")
+            time.sleep(max(POLL, 1.0))
+        self.figures["login_seconds"] = round(time.time() - started, 1)
+        self.figures["connect_rate_per_s"] = round(a.connections / (time.time() - started))
+        sys.stderr.write("\n")
+
+    def hold(self) -> None:
+        a = self.args
+        end = time.time() + a.hold
+        low = high = self.client_connections()
+        server_low = get_json(self.server_api, "/stats?seconds=0", tries=3)["connections"]
+        while time.time() < end:
+            self.check()
+            n = self.client_connections()
+            server_n = get_json(self.server_api, "/stats?seconds=0", tries=3)["connections"]
+            low, high, server_low = min(low, n), max(high, n), min(server_low, server_n)
+            progress(f"holding: {n} connections (server {server_n}), lowest {low}, "
+                     f"{end - time.time():4.0f}s left")
+            time.sleep(1.0)
+        sys.stderr.write("\n")
+        self.figures["held"] = {"clients_lowest": low, "clients_highest": high,
+                                "server_lowest": server_low, "seconds": a.hold,
+                                "dropped": max(0, a.connections - min(low, server_low))}
+
+    def run_phases(self) -> None:
+        a = self.args
+        at = int(time.time()) + 3
+        for qps in a.phases:
+            self.phases.append(Phase(f"{qps // 1000}k" if qps >= 1000 else str(qps), qps, at,
+                                     at + a.phase_seconds))
+            for address in self.client_apis:
+                get_json(address, f"/qps?total={qps}&at={at}", tries=3)
+            at += a.phase_seconds
+        for address in self.client_apis:
+            get_json(address, f"/qps?total=0&at={at}", tries=3)
+        span = at - self.phases[0].start
+        get_json(self.server_api, f"/yaohongbao?qps={SHAKE_ENVELOPES_PER_S}"
+                                  f"&sum={SHAKE_ENVELOPES_PER_S * span}", tries=3)
+        get_json(self.server_api, f"/fahongbao?qps={GROUPS_PER_S}&sum={GROUPS_PER_S * span}"
+                                  f"&min=1&max={a.connections}", tries=3)
+        cpu_marks: dict[str, tuple[float, float, float]] = {}
+        while time.time() < at + 2:
+            self.check()
+            now = time.time()
+            for phase in self.phases:
+                # CPU over the phase's steady part: from its second second to its end
+                if phase.name not in cpu_marks and now >= phase.start + 1:
+                    cpu_marks[phase.name] = (now, cpu_seconds(self.server_procs()),
+                                             cpu_seconds(self.client_procs()))
+                key = phase.name + ":end"
+                if key not in cpu_marks and now >= phase.end and phase.name in cpu_marks:
+                    cpu_marks[key] = (now, cpu_seconds(self.server_procs()),
+                                      cpu_seconds(self.client_procs()))
+            self.poll_second(now)
+            time.sleep(max(0.05, 1.0 - (time.time() % 1.0) + 0.3))
+        sys.stderr.write("\n")
+        self.cpu_marks = cpu_marks
+
+    def poll_second(self, now: float) -> None:
+        try:
+            stats = get_json(self.server_api, "/stats?seconds=3", timeout=5)
+        except (OSError, ValueError) as exc:
+            log.warning("server /stats failed: %s", exc)
+            return
+        second = int(now)
+        self.polled[second] = {"connections": stats["connections"], "ledger": stats["ledger"],
+                               "group": stats["group"]}
+        last = stats["per_second"][-1] if stats["per_second"] else {"second": 0, "shakes": 0}
+        phase = next((p for p in self.phases if p.start <= last["second"] < p.end), None)
+        progress(f"phase {phase.name if phase else '-':>4} target "
+                 f"{phase.target if phase else 0:>6} server {last['shakes']:>6}/s conns "
+                 f"{stats['connections']:>8} ledger "
+                 f"{'ok' if stats['ledger'].get('balanced') else 'OFF'}")
+
+    # ------------------------------------------------------------- figures
+    def measure_idle(self, key: str) -> None:
+        mem = meminfo()
+        self.figures[key] = {
+            "server_rss": rss_bytes(self.server_procs()),
+            "client_rss": rss_bytes(self.client_procs()),
+            "used": mem["MemTotal"] - mem["MemAvailable"],
+            "slab": mem.get("Slab", 0),
+        }
+
+    def per_connection(self) -> None:
+        before, after = self.figures.get("mem_empty"), self.figures.get("mem_connected")
+        n = self.figures.get("connected", 0)
+        if not (before and after and n):
+            return
+        server = after["server_rss"] - before["server_rss"]
+        client = after["client_rss"] - before["client_rss"]
+        # Kernel: the slab growth (socket structures of both ends, epoll items,
+        # dentries) per client-server pair. "used" moves with whatever else runs
+        # on the machine, so it is kept as a cross-check only.
+        self.figures["bytes_per_connection"] = {
+            "server_user": round(server / n), "client_user": round(client / n),
+            "kernel_pair": round((after["slab"] - before["slab"]) / n),
+            "machine_used": round((after["used"] - before["used"]) / n),
+        }
+        self.figures["server_rss_total_mb"] = round(after["server_rss"] / 2**20)
+        self.figures["client_rss_total_mb"] = round(after["client_rss"] / 2**20)
+
+    def collect(self) -> dict[str, Any]:
+        server = get_json(self.server_api, "/stats?seconds=300", timeout=30, tries=5)
+        since = self.phases[0].start - 1 if self.phases else int(time.time())
+        clients = [get_json(a, f"/stats?since={since}&hist=1", timeout=30, tries=3)
+                   for a in self.client_apis]
+        rows = []
+        if self.phases:
+            seconds = build_seconds(server, clients, self.polled, self.phases[0].start,
+                                    self.phases[-1].end)
+            with open(self.run_dir / "seconds.jsonl", "w") as fh:
+                for record in seconds:
+                    public = {k: v for k, v in record.items() if k != "_hist"}
+                    fh.write(json.dumps(public, separators=(",", ":")) + "\n")
+            for phase in self.phases:
+                row = phase_summary(phase, seconds)
+                hist = Histogram()
+                for r in seconds:
+                    if phase.start <= r["t"] < phase.end:
+                        hist.merge(r["_hist"])
+                row["latency_p999_ms"] = hist.percentile(99.9)
+                row.update(self.phase_cpu(phase, seconds))
+                rows.append(row)
+        counters = server.get("counters", {})
+        totals: dict[str, int] = {}
+        for c in clients:
+            for key, value in (c.get("totals") or {}).items():
+                if isinstance(value, int):
+                    totals[key] = totals.get(key, 0) + value
+        errors = {k: v for k, v in counters.items()
+                  if k.startswith(("protocol_error", "close.", "handoff.failed", "accept_"))}
+        errors.update({f"client.{k}": totals[k] for k in ("connect_failures", "lost", "errors",
+                                                           "reconnects") if k in totals})
+        return {
+            "phases": rows,
+            "ledger": ledger_check(server.get("ledger", {})),
+            "group": server.get("group", {}),
+            "loop_lag_max_ms": server.get("loop_lag_max_ms"),
+            "gc_pause_max_ms": server.get("gc_pause_max_ms"),
+            "errors": errors,
+            "sets": server.get("sets"),
+        }
+
+    def phase_cpu(self, phase: Phase, seconds: list[dict[str, Any]]) -> dict[str, Any]:
+        start, end = self.cpu_marks.get(phase.name), self.cpu_marks.get(phase.name + ":end")
+        if not (start and end):
+            return {}
+        window = [r for r in seconds if start[0] <= r["t"] + 1 and r["t"] < int(end[0])]
+        answered = sum(r["client_answered"] for r in window) or 1
+        elapsed = end[0] - start[0]
+        return {
+            "server_cpu_us_per_request": round((end[1] - start[1]) / answered * 1e6, 1),
+            "client_cpu_us_per_request": round((end[2] - start[2]) / answered * 1e6, 1),
+            "server_cpu_percent": round(100 * (end[1] - start[1]) / elapsed),
+            "client_cpu_percent": round(100 * (end[2] - start[2]) / elapsed),
+        }
+
+
+def print_table(result: dict[str, Any]) -> str:
+    f = result
+    lines = [f"hongbao scale: {f['target_connections']} connections target on {f['hosts']} "
+             f"hosts, {f.get('sets')} SETs, phases {f['phases_planned']}",
+             f"stopped by: {f['stopped_by'] or 'nothing (completed)'}", ""]
+    held = f.get("held", {})
+    bpc = f.get("bytes_per_connection", {})
+    lines += [
+        f"connections logged in     {f.get('connected', 0):>10}   in {f.get('login_seconds', '-')}"
+        f" s ({f.get('connect_rate_per_s', '-')}/s)",
+        f"held for {held.get('seconds', 0):>3} s              {held.get('server_lowest', '-'):>10}"
+        f"   (lowest at the server; dropped {held.get('dropped', '-')})",
+        f"bytes per connection      server user {bpc.get('server_user', '-')}, client user "
+        f"{bpc.get('client_user', '-')}, kernel slab per pair {bpc.get('kernel_pair', '-')} "
+        f"(whole machine {bpc.get('machine_used', '-')})",
+        f"RSS totals                server {f.get('server_rss_total_mb', '-')} MiB, clients "
+        f"{f.get('client_rss_total_mb', '-')} MiB",
+        f"worst loop lag / GC pause {f.get('loop_lag_max_ms', '-')} ms / "
+        f"{f.get('gc_pause_max_ms', '-')} ms (server SETs, whole run)", ""]
+    head = ("phase", "target", "server/s", "±2% s", "p50", "p99", "p999", "srv µs/req",
+            "cli µs/req", "srv CPU%", "cli CPU%")
+    fmt = "{:<6}{:>8}{:>10}{:>8}{:>8}{:>8}{:>8}{:>11}{:>11}{:>9}{:>9}"
+    lines.append(fmt.format(*head))
+    for r in f.get("phases", []):
+        within = r.get("server_within")
+        lines.append(fmt.format(
+            r["phase"], r["target"], r["server_qps"],
+            "-" if within is None else f"{100 * within:.0f}%",
+            r.get("latency_p50_ms") or "-", r.get("latency_p99_ms") or "-",
+            r.get("latency_p999_ms") or "-", r.get("server_cpu_us_per_request", "-"),
+            r.get("client_cpu_us_per_request", "-"), r.get("server_cpu_percent", "-"),
+            r.get("client_cpu_percent", "-")))
+    ledger = f.get("ledger", {})
+    lines += ["", f"ledger balanced: {ledger.get('balanced')}  generated "
+                  f"{ledger.get('generated')} granted {ledger.get('granted')} waiting "
+                  f"{ledger.get('waiting')} expired {ledger.get('expired')}",
+              f"group envelopes: {f.get('group')}",
+              f"errors by kind: {f.get('errors') or 'none'}",
+              f"run dir: {f['run_dir']}"]
+    return "\n".join(lines)
+
+
+def inner(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = ScaleRun(args, run_dir)
+    result: dict[str, Any] = {"target_connections": args.connections, "hosts": args.hosts,
+                              "phases_planned": args.phases, "run_dir": str(run_dir),
+                              "netns": args.netns_name}
+
+    def terminate(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, terminate)
+    code = 0
+    try:
+        run.start_server()
+        result["sets"] = run.sets
+        time.sleep(1.0)
+        run.measure_idle("mem_empty")
+        run.start_clients()
+        run.connect_all()
+        time.sleep(2.0)
+        run.measure_idle("mem_connected")
+        run.per_connection()
+        run.hold()
+        if args.phases:
+            run.run_phases()
+    except OutOfResource as exc:
+        run.figures["stopped_by"] = str(exc)
+        sys.stderr.write(f"\nstopping early: {exc}\n")
+        code = 2
+    except KeyboardInterrupt:
+        run.figures["stopped_by"] = "interrupted"
+        code = 130
+    except (RuntimeError, OSError) as exc:
+        run.figures["stopped_by"] = f"error: {exc}"
+        sys.stderr.write(f"\nscale run failed: {exc}\n")
+        code = 1
+    try:
+        if run.server and run.server.proc and run.server.proc.poll() is None:
+            if "mem_connected" not in run.figures:  # stopped while connecting
+                run.measure_idle("mem_connected")
+                run.per_connection()
+            result.update(run.collect())
+    except (OSError, ValueError) as exc:
+        log.warning("could not collect the final figures: %s", exc)
+    finally:
+        run.stop_all()
+    result.update(run.figures)
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    if (run_dir / "seconds.jsonl").exists():
+        try:
+            write_graphs(run_dir)
+        except Exception as exc:  # the figures matter more than the pictures
+            log.warning("graphs failed: %s", exc)
+    print(print_table(result))
+    return code
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="hongbao-bench scale",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--connections", type=int, default=1_000_000)
+    parser.add_argument("--hosts", type=int, default=17)
+    parser.add_argument("--phases", default="30000,60000",
+                        help="fleet-wide QPS of each phase, comma separated ('' for none)")
+    parser.add_argument("--hold", type=int, default=60, help="seconds to hold before the phases")
+    parser.add_argument("--phase-seconds", type=int, default=60)
+    parser.add_argument("--sets", type=int, default=0, help="0: auto (descriptor limit)")
+    parser.add_argument("--pacing", choices=("even", "burst"), default="even")
+    parser.add_argument("--connect-rate", type=int, default=20_000,
+                        help="new connections per second over all hosts")
+    parser.add_argument("--connect-timeout", type=int, default=900)
+    parser.add_argument("--mem-floor-mb", type=int, default=1536,
+                        help="stop cleanly when MemAvailable falls below this")
+    parser.add_argument("--netns", choices=("auto", "yes", "no"), default="auto")
+    parser.add_argument("--run-dir", default="")
+    parser.add_argument("--netns-name", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.phases = [int(q) for q in args.phases.split(",") if q.strip()]
+    for name in ("connections", "hosts", "phase_seconds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not args.run_dir:
+        args.run_dir = str(ROOT / "runs" / time.strftime("scale-%Y%m%d-%H%M%S", time.gmtime()))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s scale %(levelname)s %(message)s")
+    use_netns = args.netns == "yes" or (args.netns == "auto" and netns.available())
+    if args.netns_name or not use_netns:
+        return inner(args)
+    name = f"hbscale{os.getpid()}"
+    refused = netns.create(name, netns.SCALE_SYSCTLS)
+    for line in refused:
+        log.warning("netns sysctl not set: %s", line)
+    argv_inner = [*(argv if argv is not None else sys.argv[1:]), "--netns-name", name,
+                  "--run-dir", args.run_dir]
+    cmd = netns.command_in(name, [sys.executable, "-m", "app.bench_scale", *argv_inner])
+    log.info("running inside network namespace %s (deleted afterwards)", name)
+    child = subprocess.Popen(cmd, cwd=ROOT)
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        child.send_signal(signal.SIGINT)
+        return child.wait()
+    finally:
+        netns.delete(name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
