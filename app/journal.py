@@ -74,15 +74,41 @@ def _scan(data: bytes, name: str) -> Iterator[tuple[bytes, tuple, int]]:
             raise JournalCorrupt(f"{name}: unknown record type {kind!r} at byte {offset}")
         size = 1 + layout.size + CRC.size
         if offset + size > end:
+            _check_torn(data, offset, name)
             return  # torn tail: the process died while writing this record
         body = data[offset : offset + size - CRC.size]
         (crc,) = CRC.unpack_from(data, offset + size - CRC.size)
         if zlib.crc32(body) != crc:
             if offset + size == end:
+                _check_torn(data, offset, name)
                 return  # torn tail that reached its full length with garbage
             raise JournalCorrupt(f"{name}: CRC mismatch in record {kind!r} at byte {offset}")
         yield kind, layout.unpack_from(data, offset + 1), offset + size
         offset += size
+
+
+def _check_torn(data: bytes, offset: int, name: str) -> None:
+    """Refuse a "torn tail" that still holds a whole valid record after its start.
+
+    A torn write leaves a prefix of one record and nothing after it. A
+    corrupted type byte near the end (e.g. a 13-byte record read as a
+    77-byte snapshot record) would otherwise pass for a torn tail and drop
+    the valid records behind it silently. A CRC-valid record inside a torn
+    prefix by chance has odds of about 2**-32 per position.
+    """
+    end = len(data)
+    for start in range(offset + 1, end):
+        layout = PAYLOADS.get(data[start : start + 1])
+        if layout is None:
+            continue
+        size = 1 + layout.size + CRC.size
+        if start + size > end:
+            continue
+        (crc,) = CRC.unpack_from(data, start + size - CRC.size)
+        if zlib.crc32(data[start : start + size - CRC.size]) == crc:
+            raise JournalCorrupt(
+                f"{name}: damaged record at byte {offset} is followed by a valid record at "
+                f"byte {start}: corruption, not a torn write")
 
 
 def read_journal(path: str) -> tuple[list[tuple[bytes, tuple]], int]:
