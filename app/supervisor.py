@@ -228,11 +228,15 @@ class Supervisor:
         return sum(1 for h in self.handles if h.ready.is_set())
 
     def wait_ready(self, timeout: float) -> bool:
+        """Wait until every SET is ready or has failed to boot (that one is not waited for)."""
         deadline = time.time() + timeout
         for handle in self.handles:
-            if not handle.ready.wait(max(0.0, deadline - time.time())):
-                return False
-        return True
+            while not handle.ready.wait(min(0.1, max(0.0, deadline - time.time()))):
+                if handle.failed:
+                    break
+                if time.time() >= deadline:
+                    return False
+        return all(h.ready.is_set() for h in self.handles)
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
