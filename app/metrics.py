@@ -12,7 +12,7 @@ each flush with its second. A process flushing right after the whole second
 would race it: a statsd flush late by 10 ms moves a whole second of counts
 into the neighbouring point. So every process flushes at the half second,
 500 ms from statsd's flush either way; the point stamped t holds the events
-of [t-1.5, t-0.5), which the report shifts back by one second.
+counted in [t-1.5, t-0.5) (monitor.report explains how it draws them).
 
 Gauges that summarise the last second (loop lag, GC pause, packets/s) are
 computed by collectors (``add_collector``, see app.sysmetrics) that run

@@ -15,9 +15,12 @@ With Graphite, the report also saves graphite-web's own PNG of the QPS view
 (``graphite-qps.png``: rendered by cairo in the stack).
 
 Time alignment: statsd stamps a flush with its second, and processes flush
-at the half second (app.metrics), so Graphite's point t holds the events of
-[t-1.5, t-0.5); the report draws it at t-1.5 to line up with seconds.jsonl,
-whose record t holds [t, t+1).
+at the half second (app.metrics). A counter counted as it happens (the
+server's) lands in point t for the events of [t-1.5, t-0.5); a client agent
+counts a second once all its workers reported it, so its second s lands in
+point s+2. The report draws point t at t-2: client and server lines then
+step on the same second as the target in seconds.jsonl (record t holds
+[t, t+1)), as measured in a smoke run, and sums over a window are unchanged.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from pathlib import Path
 
 from monitor.views import VIEWS, View, graphite_urls
 
-GRAPHITE_SHIFT = 1.5  # seconds to subtract from a Graphite timestamp, see above
+GRAPHITE_SHIFT = 2.0  # seconds to subtract from a Graphite timestamp, see above
 RECORDS = "seconds.jsonl"
 
 Points = list[tuple[float, float]]  # (epoch second, value), values without gaps
@@ -107,8 +110,8 @@ def series_from_graphite(url: str, view: View, start: int, end: int) -> dict[str
         result = fetch_series(url, s.target, start - 2, end + 3)
         points = [(ts - GRAPHITE_SHIFT, float(v)) for item in result
                   for v, ts in item["datapoints"] if v is not None]
-        # Keep the points whose second is mostly inside [start, end + 1).
-        points = [(t, v) for t, v in points if start - 0.5 <= t < end + 0.5]
+        # Keep the points of the window's seconds, [start, end].
+        points = [(t, v) for t, v in points if start <= t <= end]
         if points:
             out[s.label] = points
     return out

@@ -135,7 +135,7 @@ def test_report_from_graphite_shifts_points_and_keeps_record_only_series(tmp_pat
     summary = json.loads((run / "report.json").read_text())
     assert summary["source"] == f"Graphite {fake_graphite}"
     series = summary["graphs"]["qps"]["series"]
-    # Points stamped t are drawn at t - 1.5: one per second of the window.
+    # Points stamped t are drawn at t - 2: one per second of the window.
     assert series["client sent"] == series["server shakes"] == 100.0 * 10
     assert series["target"] == 5 * 1000 + 5 * 2000  # only the run records have it
     # Graphite had nothing for the others: the run records fill in.
