@@ -148,6 +148,7 @@ class Stack:
             env = dict(os.environ, GRAPHITE_NO_PREFIX="1")  # into the venv, not /opt
             pip = [str(self.venv / "bin" / "pip"), "install", "--disable-pip-version-check"]
             _run([*pip, *(["-q"] if quiet else []), "-r", str(req)], env=env)
+            (self.venv / "static" / ".collected").unlink(missing_ok=True)  # recollect
             stamp.write_text(digest)
             spent["venv"] = time.monotonic() - t0
         lock = NODE_DIR / "package-lock.json"
@@ -260,11 +261,12 @@ class Stack:
             raise StackError(f"ports in use on 127.0.0.1: {busy} (another stack? see --help)")
         self.write_configs()
         self.migrate()
+        # carbon refuses to start over a pidfile whose pid is alive (pids get reused).
+        (self.root / "run" / "carbon-cache-a.pid").unlink(missing_ok=True)
         deadline = time.monotonic() + timeout
         try:
             for name, argv in self._commands().items():
-                log = open(self.root / "log" / f"{name}.out", "ab")  # noqa: SIM115
-                with log:
+                with open(self.root / "log" / f"{name}.out", "ab") as log:
                     proc = subprocess.Popen(
                         argv, cwd=self.root, env=self._env(), stdin=subprocess.DEVNULL,
                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
