@@ -223,3 +223,38 @@ def test_real_load_graphite_matches_server_counts_and_report_draws_it(stack, tmp
     assert summary["graphite_png"] == "graphite-qps.png"
     html = (run_dir / "index.html").read_text()
     assert all(f'src="{p.name}"' in html for p in paths[:-1])
+
+
+def test_cli_up_status_env_down(tmp_path, stack):
+    """The commands a user types, on their own root and free ports."""
+    root = tmp_path / "cli"
+    ports = Ports.free()
+    flags = ["--root", str(root)] + [
+        arg for name, value in vars(ports).items()
+        for arg in ("--" + name.replace("_", "-"), str(value))]
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "monitor.stack", *args, *flags], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+
+    try:
+        up = cli("up")
+        assert up.returncode == 0, up.stderr
+        assert f"statsd udp 127.0.0.1:{ports.statsd_port}" in up.stdout
+        assert cli("up").returncode == 1  # already running: refused, nothing started twice
+        assert cli("status").returncode == 0
+        env = cli("env")
+        assert env.stdout.split() == [f"HONGBAO_STATSD=127.0.0.1:{ports.statsd_port}",
+                                      f"HONGBAO_GRAPHITE_URL=http://127.0.0.1:{ports.web_port}"]
+        pids = json.loads((root / "stack.json").read_text())["pids"]
+        down = cli("down")
+        assert down.stdout.strip() == "stopped web, statsd, carbon"
+        for pid in pids.values():
+            with pytest.raises(ProcessLookupError):
+                os.killpg(pid, 0)
+        assert cli("status").returncode == 3
+        assert cli("env").stdout == ""
+    finally:
+        recorded = Stack(root=root).load_state()
+        if recorded is not None:
+            recorded.down()
