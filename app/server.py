@@ -46,6 +46,17 @@ def merge_seconds(tables: list[dict[str, list[int]]], last: int, until: int) -> 
              "by_result": dict(zip(RESULT_CODES, total[s], strict=True))} for s in seconds]
 
 
+def merge_health(tables: list[dict[str, list[float]]]) -> list[dict]:
+    """Worst loop lag and GC pause of any SET, per second."""
+    worst: dict[int, list[float]] = {}
+    for table in tables:
+        for second, (lag, pause) in table.items():
+            acc = worst.setdefault(int(second), [0.0, 0.0])
+            acc[0], acc[1] = max(acc[0], lag), max(acc[1], pause)
+    return [{"second": s, "loop_lag_ms": v[0], "gc_pause_ms": v[1]}
+            for s, v in sorted(worst.items())]
+
+
 def sum_counters(parts: list[dict]) -> dict[str, int]:
     total: dict[str, int] = {}
     for counters in parts:
@@ -72,15 +83,16 @@ def build_api(sup: Supervisor) -> Api:
     def stats(request: Request) -> dict:
         last = request.int_param("seconds", default=60, maximum=300)
         audit = request.int_param("audit", default=0, maximum=1)
-        answers = sup.ask_all(lambda k: {"op": "stats", "audit": bool(audit)})
-        up = [a for a in answers if a is not None]
         until = int(time.time())
+        since = until - last
+        answers = sup.ask_all(lambda k: {"op": "stats", "audit": bool(audit), "since": since})
+        up = [a for a in answers if a is not None]
+        health = merge_health([a["health"] for a in up])
         per_set = [
             {"set": h.set_id, "up": a is not None, "restarts": h.restarts,
              "failed": h.failed, **({k: a[k] for k in ("pid", "connections", "sockets",
                                                         "ledger", "counters", "campaigns",
-                                                        "journal", "loop_lag_max_ms",
-                                                        "gc_pause_max_ms", "reactor",
+                                                        "journal", "reactor",
                                                         "budget_per_second")} if a else {})}
             for h, a in zip(sup.handles, answers, strict=True)
         ]
@@ -104,8 +116,9 @@ def build_api(sup: Supervisor) -> Api:
                 "no_recipients": counters.get("group.no_recipients", 0),
             },
             "counters": counters,
-            "loop_lag_max_ms": max((a["loop_lag_max_ms"] for a in up), default=0.0),
-            "gc_pause_max_ms": max((a["gc_pause_max_ms"] for a in up), default=0.0),
+            "health_per_second": health,
+            "loop_lag_max_ms": max((h["loop_lag_ms"] for h in health), default=0.0),
+            "gc_pause_max_ms": max((h["gc_pause_ms"] for h in health), default=0.0),
             "per_set": per_set,
         }
 

@@ -1,0 +1,47 @@
+"""A bounded scale run in the default suite: 50,000 connections, exact counts, no timings.
+
+The full run (one million connections) is ``make bench-scale``; this is the
+same command at a size CI affords, asserting what must hold at any size:
+every connection logs in and stays, the server counts exactly the target in
+every steady second, and the ledger balances.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.serverproc import ROOT
+
+CONNECTIONS = 50_000
+QPS = 3_000
+
+
+@pytest.mark.slow
+def test_bounded_scale_run(tmp_path):
+    run_dir = tmp_path / "scale"
+    cmd = [sys.executable, "-m", "app.bench", "scale", "--connections", str(CONNECTIONS),
+           "--hosts", "3", "--phases", str(QPS), "--hold", "3", "--phase-seconds", "8",
+           "--connect-rate", "10000", "--connect-timeout", "150", "--run-dir", str(run_dir)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    print(done.stdout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["stopped_by"] is None
+    assert result["connected"] == CONNECTIONS
+    assert result["held"]["dropped"] == 0
+    assert result["held"]["server_lowest"] == CONNECTIONS
+    assert result["ledger"]["balanced"]
+    (phase,) = result["phases"]
+    assert phase["target"] == QPS
+    # Exact per-second counts by the frames' sent second, in every steady second.
+    seconds = [json.loads(line) for line in (run_dir / "seconds.jsonl").read_text().splitlines()]
+    steady = [r for r in seconds if r["target_qps"] == QPS][1:]
+    assert len(steady) >= 6
+    assert [r["server_shakes"] for r in steady] == [QPS] * len(steady)
+    assert [r["client_sent"] for r in steady] == [QPS] * len(steady)
+    assert result["errors"].get("client.lost", 0) == 0
+    assert "table" not in result and "bytes_per_connection" in result
