@@ -27,7 +27,7 @@ from app.supervisor import Supervisor, share
 log = logging.getLogger("hongbao.server")
 
 RESULT_CODES = ("14", "15", "16", "17")
-READY_TIMEOUT = 60.0
+READY_TIMEOUT = 60.0  # plus 2 s per SET: 52 fresh interpreters take ~30 s on 2 busy cores
 
 
 def merge_seconds(tables: list[dict[str, list[int]]], last: int, until: int) -> list[dict]:
@@ -168,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot bind control API %s:%s: %s", *config.control, exc)
         sup.stop()
         return 2
-    if not sup.wait_ready(READY_TIMEOUT):
-        log.error("not every SET became ready within %.0fs", READY_TIMEOUT)
+    ready_timeout = READY_TIMEOUT + 2.0 * sup.sets
+    if not sup.wait_ready(ready_timeout):
+        log.error("not every SET became ready within %.0fs", ready_timeout)
     host, port = http.address[:2]
     print(f"hongbao-server listening port={sup.port} control={host}:{port} sets={sup.sets}",
           flush=True)
