@@ -90,6 +90,12 @@ def cpu_seconds(procs: list[psutil.Process]) -> float:
     return total
 
 
+def machine_busy() -> float:
+    """CPU seconds the whole machine spent not idle (all cores)."""
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
 def rss_bytes(procs: list[psutil.Process]) -> int:
     total = 0
     for proc in procs:
@@ -236,7 +242,7 @@ class ScaleRun:
                                   f"&sum={SHAKE_ENVELOPES_PER_S * span}", tries=3)
         get_json(self.server_api, f"/fahongbao?qps={GROUPS_PER_S}&sum={GROUPS_PER_S * span}"
                                   f"&min=1&max={a.connections}", tries=3)
-        cpu_marks: dict[str, tuple[float, float, float]] = {}
+        cpu_marks: dict[str, tuple[float, float, float, float]] = {}
         while time.time() < at + 2:
             self.check()
             now = time.time()
@@ -244,11 +250,11 @@ class ScaleRun:
                 # CPU over the phase's steady part: from its second second to its end
                 if phase.name not in cpu_marks and now >= phase.start + 1:
                     cpu_marks[phase.name] = (now, cpu_seconds(self.server_procs()),
-                                             cpu_seconds(self.client_procs()))
+                                             cpu_seconds(self.client_procs()), machine_busy())
                 key = phase.name + ":end"
                 if key not in cpu_marks and now >= phase.end and phase.name in cpu_marks:
                     cpu_marks[key] = (now, cpu_seconds(self.server_procs()),
-                                      cpu_seconds(self.client_procs()))
+                                      cpu_seconds(self.client_procs()), machine_busy())
             self.poll_second(now)
             time.sleep(max(0.05, 1.0 - (time.time() % 1.0) + 0.3))
         sys.stderr.write("\n")
@@ -356,6 +362,9 @@ class ScaleRun:
             "client_cpu_us_per_request": round((end[2] - start[2]) / answered * 1e6, 1),
             "server_cpu_percent": round(100 * (end[1] - start[1]) / elapsed),
             "client_cpu_percent": round(100 * (end[2] - start[2]) / elapsed),
+            # of all cores: 100% means the machine had no CPU left to give
+            "machine_cpu_percent": round(100 * (end[3] - start[3]) / elapsed
+                                         / (os.cpu_count() or 1)),
         }
 
 
@@ -379,8 +388,8 @@ def print_table(result: dict[str, Any]) -> str:
         f"worst loop lag / GC pause {f.get('loop_lag_max_ms', '-')} ms / "
         f"{f.get('gc_pause_max_ms', '-')} ms (server SETs, last 300 s; per phase below)", ""]
     head = ("phase", "target", "server/s", "±2% s", "p50", "p99", "p999", "srv µs/req",
-            "cli µs/req", "srv CPU%", "cli CPU%", "lag ms", "GC ms")
-    fmt = "{:<6}{:>8}{:>10}{:>8}{:>8}{:>8}{:>8}{:>11}{:>11}{:>9}{:>9}{:>8}{:>7}"
+            "cli µs/req", "srv CPU%", "cli CPU%", "box CPU%", "lag ms", "GC ms")
+    fmt = "{:<6}{:>8}{:>10}{:>8}{:>8}{:>8}{:>8}{:>11}{:>11}{:>9}{:>9}{:>9}{:>8}{:>7}"
     lines.append(fmt.format(*head))
     for r in f.get("phases", []):
         within = r.get("server_within")
@@ -390,7 +399,8 @@ def print_table(result: dict[str, Any]) -> str:
             r.get("latency_p50_ms") or "-", r.get("latency_p99_ms") or "-",
             r.get("latency_p999_ms") or "-", r.get("server_cpu_us_per_request", "-"),
             r.get("client_cpu_us_per_request", "-"), r.get("server_cpu_percent", "-"),
-            r.get("client_cpu_percent", "-"), r.get("loop_lag_max_ms", "-"),
+            r.get("client_cpu_percent", "-"), r.get("machine_cpu_percent", "-"),
+            r.get("loop_lag_max_ms", "-"),
             r.get("gc_pause_max_ms", "-")))
     ledger = f.get("ledger", {})
     lines += ["", f"ledger balanced: {ledger.get('balanced')}  generated "
