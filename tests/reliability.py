@@ -11,7 +11,14 @@ generous bounds in the tests themselves).
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +26,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLE_PATH = ROOT / "var" / "reliability-table.txt"
+AGENT_READY = re.compile(r"hongbao-client listening control=([\d.]+):(\d+)")
 
 
 @dataclass
@@ -82,3 +90,93 @@ def reliability_table():
     yield
     if ROWS:
         print("\n" + write_table())
+
+
+class AgentProcess:
+    """The real client agent (``python -m app.client``) in its own process group.
+
+    Stopped by PID: SIGTERM to the agent, then SIGKILL of its group (its
+    workers) — also from the fixture's finalizer when a test fails.
+    """
+
+    def __init__(self, log_path: Path, server_port: int, users: tuple[int, int],
+                 qps: int = 0, source: str = "127.1.0.1", **flags: object) -> None:
+        self.log_path = log_path
+        self.cmd = [sys.executable, "-m", "app.client", "--server", f"127.0.0.1:{server_port}",
+                    "--users", f"{users[0]}-{users[1]}", "--control", "127.0.0.1:0",
+                    "--source", source, "--qps", str(qps), "--host-name", "reliability"]
+        for name, value in flags.items():
+            self.cmd += [f"--{name.replace('_', '-')}", str(value)]
+        self.users = users[1] - users[0] + 1
+        self.proc: subprocess.Popen | None = None
+        self.api = ""
+
+    def start(self, timeout: float = 30.0) -> AgentProcess:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log,
+                                         start_new_session=True, text=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            match = AGENT_READY.search(line)
+            if match:
+                self.api = f"{match.group(1)}:{match.group(2)}"
+                return self
+        self.stop()
+        raise RuntimeError(f"agent did not start; log:\n{self.log_path.read_text()[-3000:]}")
+
+    def get(self, path: str, timeout: float = 10.0) -> dict:
+        with urllib.request.urlopen(f"http://{self.api}{path}", timeout=timeout) as resp:
+            return json.loads(resp.read())
+
+    def wait_connected(self, n: int | None = None, timeout: float = 30.0) -> float:
+        """Seconds until ``n`` (default: every user) connections are logged in."""
+        want = self.users if n is None else n
+        started = time.time()
+        while time.time() - started < timeout:
+            if self.get("/health")["connections"] >= want:
+                return time.time() - started
+            time.sleep(0.05)
+        raise AssertionError(f"agent: {self.get('/health')} after {timeout}s, wanted {want}")
+
+    def signal_group(self, signum: int) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signum)
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # workers left behind
+        except (ProcessLookupError, PermissionError):
+            pass
+        if proc.poll() is None:
+            proc.wait(5)
+        if proc.stdout:
+            proc.stdout.close()
+        self.proc = None
+
+
+@pytest.fixture
+def start_agent(tmp_path):
+    """Factory: ``start_agent(server, (first, last), qps=0, **flags)`` -> a running agent."""
+    started: list[AgentProcess] = []
+
+    def start(server, users: tuple[int, int], qps: int = 0, **flags: object) -> AgentProcess:
+        agent = AgentProcess(tmp_path / f"agent-{time.time_ns()}.log", server.port, users,
+                             qps, **flags)
+        started.append(agent)
+        return agent.start()
+
+    yield start
+    for agent in started:
+        agent.stop()

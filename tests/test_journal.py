@@ -16,9 +16,12 @@ import pytest
 from app import protocol as p
 from app.journal import MAGIC, VERSION, JournalCorrupt, encode_record, read_journal
 from app.ledger import Ledger
-from tests.reliability import Row, ledger_diff, record, reliability_table  # noqa: F401
+from tests import reliability
+from tests.reliability import Row, ledger_diff, record
 from tests.serverproc import Client
 from tests.test_server import wait_for
+
+reliability_table = reliability.reliability_table  # module fixture: prints the table
 
 
 def sample_journal() -> list[bytes]:

@@ -1,0 +1,89 @@
+"""Hostile input beside a well-behaved client agent: nothing crashes, nobody else suffers.
+
+The fuzz harness (``app.fuzz``) opens hundreds of bad connections a second
+— wrong lengths, unknown commands, oversize frames, floods before LOGIN,
+bytes split one by one, logins that never finish, mutated streams — while
+the real client agent runs a steady load with envelopes to win. Asserted:
+every bad connection did what the sans-IO oracle predicted (closed with the
+right counter, or served with every valid frame answered), the server's
+counters equal what the harness sent, exactly; no SET restarted; the
+agent lost no request, never reconnected, and its latency stayed bounded
+(reported per second; asserted only against a generous bound).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from tests import reliability
+from tests.reliability import ROOT, Row, ledger_diff, record
+from tests.test_server import wait_for
+
+reliability_table = reliability.reliability_table  # module fixture: prints the table
+start_agent = reliability.start_agent
+
+FUZZ_SECONDS = 8
+FUZZ_CONNECTIONS = 200
+SEED = int(os.environ.get("HONGBAO_FUZZ_SEED", "20261125"))
+LATENCY_BOUND_MS = 1000.0  # generous: 2 cores shared by server, agent and harness
+
+
+def p99_of(seconds: list[dict], lo: int, hi: int) -> float:
+    values = [s["latency_p99_ms"] for s in seconds
+              if lo <= s["second"] < hi and s["latency_p99_ms"] is not None]
+    return max(values, default=0.0)
+
+
+def test_fuzz_beside_a_steady_agent(start_server, start_agent, tmp_path):
+    server = start_server(sets=2, extra=["--login-timeout", "1"])
+    server.get("/yaohongbao?qps=100&sum=1000000")
+    agent = start_agent(server, (1, 200))
+    agent.wait_connected()
+    agent.get("/qps?qps=200")  # only once every user is up: nothing is skipped
+    pids = server.set_pids()
+    time.sleep(2.2)
+    fuzz_start = int(time.time())
+    report_path = tmp_path / "fuzz.json"
+    fuzz = subprocess.run(
+        [sys.executable, "-m", "app.fuzz", "--port", str(server.port),
+         "--control", f"127.0.0.1:{server.control_port}", "--seconds", str(FUZZ_SECONDS),
+         "--connections", str(FUZZ_CONNECTIONS), "--login-wait", "4", "--seed", str(SEED),
+         "--json", str(report_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    fuzz_end = int(time.time())
+    print(fuzz.stdout)
+    result = json.loads(report_path.read_text())
+    assert result["total"]["wrong"] == 0, result["failures"]
+    assert result["counter_mismatches"] == [], result["counters"]
+    assert fuzz.returncode == 0, fuzz.stdout[-3000:]
+
+    agent.get("/qps?qps=0")
+    time.sleep(2.5)  # in-flight answers arrive and the last seconds are merged
+    stats = agent.get("/stats?since=1")
+    totals = stats["totals"]
+    assert totals["sent"] > 0 and totals["sent"] == totals["answered"], totals
+    assert totals["lost"] == 0 and totals["reconnects"] == 0 and totals["skipped"] == 0
+    assert totals["errors"] == 0 and stats["connections"] == 200
+    health = server.get("/health")
+    assert health["status"] == "ok" and health["restarts"] == 0
+    assert server.set_pids() == pids  # no SET died and came back
+    ledger = wait_for(lambda: (lg := server.stats(audit=True)["ledger"])["balanced"] and lg)
+    per_second = stats["per_second"]
+    baseline = p99_of(per_second, fuzz_start - 2, fuzz_start)
+    during = p99_of(per_second, fuzz_start, fuzz_end)
+    assert during < LATENCY_BOUND_MS, per_second
+    counters = result["counters"]
+    record(Row("hostile: fuzz harness beside the agent", bad_inputs=result["total"]["tried"],
+               survived=f"{stats['connections']}/200 good; 0/{result['total']['tried']} bad "
+                        f"left open", lost=totals["sent"] - totals["answered"],
+               ledger_diff=ledger_diff(ledger),
+               figures={"seed": SEED, "bad_bytes": result["total"]["bytes"],
+                        "protocol_errors": counters["protocol_errors"]["server"],
+                        "login_timeouts": counters["close.login_timeout"]["server"],
+                        "agent_requests": totals["sent"],
+                        "agent_p99_ms_before": baseline, "agent_p99_ms_during": during,
+                        "fuzz_seconds": result["seconds"]}))
