@@ -111,6 +111,7 @@ class Worker:
         self.stdin = sys.stdin.fileno()
         self.ctl_buf = b""
         self.last_tick = 0
+        self.expired_second = 0  # the second whose login timeouts were last checked
         self.stopping = False
         self._reset_counters()
 
@@ -393,7 +394,8 @@ class Worker:
                 self.last_tick = tick
                 self.run_tick(tick, now)
             self._connect_due(now)
-            if current % ticks == 0:
+            if current // ticks != self.expired_second:  # once a second, even if woken late
+                self.expired_second = current // ticks
                 self._expire_logins(now)
 
     def run(self) -> None:
