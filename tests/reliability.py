@@ -69,7 +69,11 @@ def render(rows: list[Row]) -> str:
     total = (f"TOTAL: faults {sum(r.faults for r in rows)}, bad inputs "
              f"{sum(r.bad_inputs for r in rows)}, lost {sum(r.lost for r in rows)}, "
              f"ledger diff {sum(r.ledger_diff for r in rows)}")
-    out += [line(tuple("-" * w for w in widths)), total, "", "figures:"]
+    out += [line(tuple("-" * w for w in widths)), total,
+            "lost: requests of well-behaved clients never answered, outside a fault's own "
+            "in-flight requests (those are in the figures as in_flight_lost)",
+            "ledger diff: |generated - granted - waiting - expired|, count + amount", "",
+            "figures:"]
     for r in rows:
         if r.figures:
             figures = ", ".join(f"{k}={v}" for k, v in r.figures.items())
