@@ -5,6 +5,7 @@ How to run (bounded: --seconds of load, then at most ~20 s of checking)::
     python -m monitor.bench                       # 60,000 updates/s for 20 s, own stack
     python -m monitor.bench --rate 20000 --names 200 --seconds 10
     python -m monitor.bench --running             # against `monitor.stack up`'s stack
+    python -m monitor.bench --aggregate 25        # 25 processes' Metrics, as deployed
 
 A sender process packs statsd lines into datagrams of <= 512 bytes (as the
 ``statsd`` package's pipeline does) and sends them paced in 100 ticks a
@@ -82,6 +83,37 @@ def send_load(address: tuple[str, int], rate: int, names: int, gauges: int,
     return {f"{prefix}.c{i}": n for i, n in sent.items()}
 
 
+def send_aggregated(address: tuple[str, int], rate: int, names: int, processes: int,
+                    seconds: float, prefix: str) -> dict[str, int]:
+    """The real shape: `processes` app.metrics.Metrics objects count rate events a second
+    between them in memory and each flushes one batch a second (as SETs and agents do)."""
+    import gevent
+
+    from app.metrics import Metrics
+
+    per_tick = max(1, rate // TICKS // processes)
+    sent = dict.fromkeys(range(names), 0)
+    metrics = [Metrics(prefix, f"{address[0]}:{address[1]}") for _ in range(processes)]
+
+    def one(k: int, m: Metrics) -> None:
+        start, tick, cursor = time.time(), 0, k % names
+        while start + tick / TICKS < start + seconds:
+            gevent.sleep(max(0.0, start + tick / TICKS - time.time()))
+            for _ in range(per_tick):
+                m.incr(f"c{cursor}")
+                sent[cursor] += 1
+                cursor = (cursor + 1) % names
+            m.gauge(f"p{k}.connections", 19_000)
+            tick += 1
+
+    for m in metrics:
+        m.start()
+    gevent.joinall([gevent.spawn(one, k, m) for k, m in enumerate(metrics)])
+    for m in metrics:
+        m.stop()
+    return {f"{prefix}.c{i}": n for i, n in sent.items()}
+
+
 def sample(stack: Stack) -> dict[str, tuple[float, int]]:
     """{component: (cpu seconds, rss bytes)} over each daemon's whole process group."""
     out = {}
@@ -104,15 +136,19 @@ def udp_receive_drops() -> int:
     return int(dict(zip(lines[0], lines[1], strict=True))["RcvbufErrors"])
 
 
-def run(stack: Stack, rate: int, names: int, gauges: int, seconds: float) -> dict:
+def run(stack: Stack, rate: int, names: int, gauges: int, seconds: float,
+        aggregate: int = 0) -> dict:
     prefix = f"bench{int(time.time())}"
     start = int(time.time()) - 1
     drops = udp_receive_drops()
     load = psutil.getloadavg()[0]
     before = sample(stack)
     t0 = time.monotonic()
-    sent = send_load(("127.0.0.1", stack.ports.statsd_port), rate, names, gauges, seconds,
-                     prefix)
+    address = ("127.0.0.1", stack.ports.statsd_port)
+    if aggregate:
+        sent = send_aggregated(address, rate, names, aggregate, seconds, prefix)
+    else:
+        sent = send_load(address, rate, names, gauges, seconds, prefix)
     elapsed = time.monotonic() - t0
     after = sample(stack)
     drops = udp_receive_drops() - drops
@@ -129,6 +165,7 @@ def run(stack: Stack, rate: int, names: int, gauges: int, seconds: float) -> dic
     whisper = stack.root / "storage" / "whisper" / "stats" / "counters" / prefix
     return {
         "rate_per_s": rate, "names": names, "gauges": gauges, "seconds": round(elapsed, 2),
+        "shape": f"aggregated by {aggregate} Metrics objects" if aggregate else "raw lines",
         "updates_sent": expected, "updates_in_graphite": int(got), "exact": got == expected,
         "cpu_percent": {n: round(100 * (after[n][0] - before[n][0]) / elapsed, 1)
                         for n in after},
@@ -145,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--names", type=int, default=500, help="distinct counter names")
     parser.add_argument("--gauges", type=int, default=100, help="gauges set every tick")
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--aggregate", type=int, default=0, metavar="N",
+                        help="count in N app.metrics.Metrics objects, flushed once a second")
     parser.add_argument("--running", action="store_true",
                         help="use the stack `python -m monitor.stack up` started")
     args = parser.parse_args(argv)
@@ -155,14 +194,15 @@ def main(argv: list[str] | None = None) -> int:
         if stack is None:
             print("monitor.bench: no running stack (python -m monitor.stack up)", file=sys.stderr)
             return 1
-        print(json.dumps(run(stack, args.rate, args.names, args.gauges, args.seconds),
-                         indent=1))
+        print(json.dumps(run(stack, args.rate, args.names, args.gauges, args.seconds,
+                             args.aggregate), indent=1))
         return 0
     with tempfile.TemporaryDirectory(prefix="hongbao-monitor-bench-") as tmp:
         stack = Stack(root=Path(tmp), ports=Ports.free(), retentions="1s:1h")
         stack.up()
         try:
-            result = run(stack, args.rate, args.names, args.gauges, args.seconds)
+            result = run(stack, args.rate, args.names, args.gauges, args.seconds,
+                         args.aggregate)
         finally:
             stack.down()
     print(json.dumps(result, indent=1))
