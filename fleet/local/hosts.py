@@ -368,8 +368,9 @@ class Fleet:
         victims = {h.pid for h in self.hosts if h.pid}
         for netns in netns_names:
             victims |= _pids_in_netns(netns)
-        if self.apt_pid and _is_our_http_server(self.apt_pid, self.controller_address):
-            victims.add(self.apt_pid)
+        # The apt repository server, also when the state file that named it is lost.
+        victims |= {pid for pid in _all_pids()
+                    if _is_our_http_server(pid, self.controller_address)}
         for pid in sorted(victims):
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -382,7 +383,8 @@ class Fleet:
         for link in links:
             ifname = link.get("ifname", "")
             if ifname == self.bridge or ifname.startswith(f"{self.bridge}-h"):
-                sh("ip", "link", "del", ifname, check=False, quiet=quiet)
+                # A veth may vanish with its namespace meanwhile: not worth a note.
+                sh("ip", "link", "del", ifname, check=False, quiet=quiet or ifname != self.bridge)
         _unmount_under(self.state_dir)
         shutil.rmtree(self.state_dir / "hosts", ignore_errors=True)
         self.state_file.unlink(missing_ok=True)
@@ -399,6 +401,10 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, IndexError):
         return False
+
+
+def _all_pids() -> list[int]:
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
 
 
 def _pids_in_netns(netns: str) -> set[int]:
@@ -424,7 +430,8 @@ def _is_our_http_server(pid: int, address: str) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"http.server" in cmdline and address.encode() in cmdline
+    return (b"http.server" in cmdline and address.encode() in cmdline
+            and str(APT_PORT).encode() in cmdline)
 
 
 def _wait_gone(pids: set[int], timeout: float = 10.0) -> None:

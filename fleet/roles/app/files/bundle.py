@@ -4,7 +4,8 @@
 * ``src-<sha>.tar``: the project's code (``app/``, ``monitor/``,
   requirements, pyproject), byte-for-byte reproducible (sorted names, mtime 0,
   root ownership), so its name changes exactly when the code does;
-* ``wheels-<key>.tar``: every wheel ``requirements.txt`` needs, for the
+* ``wheels-<key>.tar``: every wheel ``requirements.txt`` (less ``--exclude``)
+  needs, and that filtered ``requirements.txt``, for the
   hosts' Python and platform (``pip download --only-binary``), so hosts
   without a route to a package index (test hosts, firewalled fleets) install
   with ``pip install --no-index --find-links``.  Built once per
@@ -23,6 +24,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -88,8 +90,19 @@ def build_src(source: Path, out: Path) -> tuple[str, bool]:
     return name, write_once(out / f"{name}.tar", data)
 
 
+def host_requirements(source: Path, exclude: list[str]) -> bytes:
+    """requirements.txt less the excluded distributions (e.g. the report's matplotlib)."""
+    drop = {name.lower().replace("_", "-") for name in exclude}
+    kept = []
+    for line in (source / "requirements.txt").read_text().splitlines():
+        name = re.split(r"[\s<>=!~;\[]", line.strip(), maxsplit=1)[0]
+        if name.lower().replace("_", "-") not in drop:
+            kept.append(line)
+    return ("\n".join(kept) + "\n").encode()
+
+
 def build_wheels(source: Path, out: Path, args: argparse.Namespace) -> tuple[str, bool]:
-    requirements = (source / "requirements.txt").read_bytes()
+    requirements = host_requirements(source, args.exclude)
     target = [f"--python-version={args.python_version}", "--implementation=cp",
               "--only-binary=:all:", *[f"--platform={p}" for p in args.platform]]
     key = hashlib.sha256(requirements + repr(target).encode()).hexdigest()[:12]
@@ -97,12 +110,15 @@ def build_wheels(source: Path, out: Path, args: argparse.Namespace) -> tuple[str
     if (out / f"{name}.tar").exists():
         return name, False
     with tempfile.TemporaryDirectory(dir=out) as tmp:
+        (Path(tmp) / "requirements.txt").write_bytes(requirements)
         subprocess.run(
             [args.pip_python, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-             "-r", str(source / "requirements.txt"), "-d", tmp, *target],
+             "-r", str(Path(tmp) / "requirements.txt"), "-d", tmp, *target],
             check=True, stdout=sys.stderr,
         )
         entries = [(p.name, p.read_bytes(), 0o644) for p in sorted(Path(tmp).glob("*.whl"))]
+    # The hosts install exactly this file: `pip install --no-index -r requirements.txt`.
+    entries.append(("requirements.txt", requirements, 0o644))
     write_once(out / f"{name}.tar", reproducible_tar(entries))
     return name, True
 
@@ -121,6 +137,8 @@ def main() -> int:
     parser.add_argument("--python-version", default="3.11", help="the hosts' Python")
     parser.add_argument("--platform", action="append", default=None,
                         help="wheel platform tags the hosts accept (repeatable)")
+    parser.add_argument("--exclude", action="append", default=[],
+                        help="distribution in requirements.txt the hosts do not need")
     parser.add_argument("--pip-python", default=sys.executable)
     args = parser.parse_args()
     args.platform = args.platform or [
