@@ -248,22 +248,40 @@ def build_report(run_dir: Path | str, graphite_url: str | None = None,
         raise ValueError(f"empty window: {start} > {end}")
     url = graphite_url if graphite_url is not None else find_graphite()
     use_graphite = bool(url) and graphite_answers(url)
-    source = f"Graphite {url}" if use_graphite else f"{run_dir / RECORDS}"
     window = [r for r in records if start <= r["t"] <= end]
 
-    drawn: list[Drawn] = []
-    missing: list[View] = []
+    collected: list[tuple[View, dict[str, Points]]] = []
+    from_graphite = 0
+    filled: list[str] = []  # series Graphite should have had, drawn from the records
     for view in VIEWS:
         series = series_from_graphite(url, view, start, end) if use_graphite else {}
+        from_graphite += len(series)
         # Series Graphite lacks (target QPS; a run that sent no metrics) come
         # from the run's own records.
         for label, points in series_from_records(window, view).items():
-            series.setdefault(label, points)
+            if label not in series:
+                series[label] = points
+                if use_graphite and any(s.label == label and s.target for s in view.series):
+                    filled.append(f"{view.name}/{label}")
+        collected.append((view, series))
+    if use_graphite and from_graphite:
+        source = f"Graphite {url}"
+        if filled:
+            source += f"; from {RECORDS}: {', '.join(filled)}"
+    else:
+        source = str(run_dir / RECORDS)
+        if use_graphite:  # it answered, but nothing of this run was sent to it
+            source += f" (Graphite {url} had no data for this window)"
+        use_graphite = False
+
+    drawn: list[Drawn] = []
+    missing: list[View] = []
+    for view, series in collected:
         if not series:
             missing.append(view)
             continue
         path = run_dir / f"{view.name}.png"
-        draw(view, series, path, f"{run_dir.name} · {source}")
+        draw(view, series, path, f"{run_dir.name} · {source.split(';')[0]}")
         drawn.append(Drawn(view, path, series))
     extra = []
     links: dict[str, str] = {}
@@ -273,7 +291,7 @@ def build_report(run_dir: Path | str, graphite_url: str | None = None,
         links = graphite_urls(url, start - 2, end + 3)
     write_html(run_dir, drawn, missing, source, start, end, extra, links)
     (run_dir / "report.json").write_text(json.dumps({
-        "source": source, "start": start, "end": end,
+        "source": source, "filled_from_records": filled, "start": start, "end": end,
         "graphs": {d.view.name: {"png": d.path.name,
                                  "series": {k: d.summary(k) for k in d.series}}
                    for d in drawn},

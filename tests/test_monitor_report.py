@@ -133,7 +133,9 @@ def test_report_from_graphite_shifts_points_and_keeps_record_only_series(tmp_pat
     write_records(run, seconds=10)
     report.write_report(run, fake_graphite, start=T0, end=T0 + 9)
     summary = json.loads((run / "report.json").read_text())
-    assert summary["source"] == f"Graphite {fake_graphite}"
+    assert summary["source"].startswith(f"Graphite {fake_graphite}; from seconds.jsonl: ")
+    assert "connections/server" in summary["filled_from_records"]
+    assert "qps/client sent" not in summary["filled_from_records"]
     series = summary["graphs"]["qps"]["series"]
     # Points stamped t are drawn at t - 2: one per second of the window.
     assert series["client sent"] == series["server shakes"] == 100.0 * 10
@@ -159,3 +161,14 @@ def test_saved_urls_and_dashboard_cover_every_view():
     state = views.dashboard_state()
     assert [g[0] for g in state["graphs"]] == [v.name for v in views.VIEWS]
     json.dumps(state)
+
+
+def test_graphite_without_this_runs_data_says_so_and_uses_the_records(tmp_path, fake_graphite):
+    FakeGraphite.points = {}
+    run = tmp_path / "run"
+    write_records(run, seconds=5)
+    paths = report.write_report(run, fake_graphite)
+    summary = json.loads((run / "report.json").read_text())
+    assert summary["source"].endswith("had no data for this window)")
+    assert summary["graphite_png"] is None
+    assert "graphite-qps.png" not in [p.name for p in paths]
