@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import html
+import itertools
 import json
 import math
 import os
@@ -80,8 +81,9 @@ def read_records(run_dir: Path) -> list[dict]:
     return sorted((r for r in records if "t" in r), key=lambda r: r["t"])
 
 
-def series_from_records(records: list[dict], view: View) -> dict[str, Points]:
-    """{label: points} for the view's series whose key the records carry."""
+def series_from_records(records: list[dict], view: View, start: float = -math.inf,
+                        end: float = math.inf) -> dict[str, Points]:
+    """{label: points} in [start, end] for the view's series whose key the records carry."""
     out: dict[str, Points] = {}
     for s in view.series:
         if s.key is None:
@@ -93,6 +95,11 @@ def series_from_records(records: list[dict], view: View) -> dict[str, Points]:
                 value = value.get(s.subkey) if isinstance(value, dict) else None
             if isinstance(value, int | float) and not math.isnan(value):
                 points.append((float(r["t"]), float(value)))
+        if s.cumulative:  # a ledger total each second: draw what changed in that second
+            deltas = [(t, v - before) for (_, before), (t, v) in itertools.pairwise(points)]
+            if all(v >= 0 for _, v in deltas):  # else it was per-second after all
+                points = deltas
+        points = [(t, v) for t, v in points if start <= t <= end]
         if points:
             out[s.label] = points
     return out
@@ -248,7 +255,6 @@ def build_report(run_dir: Path | str, graphite_url: str | None = None,
         raise ValueError(f"empty window: {start} > {end}")
     url = graphite_url if graphite_url is not None else find_graphite()
     use_graphite = bool(url) and graphite_answers(url)
-    window = [r for r in records if start <= r["t"] <= end]
 
     collected: list[tuple[View, dict[str, Points]]] = []
     from_graphite = 0
@@ -258,10 +264,11 @@ def build_report(run_dir: Path | str, graphite_url: str | None = None,
         from_graphite += len(series)
         # Series Graphite lacks (target QPS; a run that sent no metrics) come
         # from the run's own records.
-        for label, points in series_from_records(window, view).items():
+        for label, points in series_from_records(records, view, start, end).items():
             if label not in series:
                 series[label] = points
-                if use_graphite and any(s.label == label and s.target for s in view.series):
+                if use_graphite and any(v for _, v in points) and any(
+                        s.label == label and s.target for s in view.series):
                     filled.append(f"{view.name}/{label}")
         collected.append((view, series))
     if use_graphite and from_graphite:

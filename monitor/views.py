@@ -26,6 +26,7 @@ class Series:
     target: str  # "" : seconds.jsonl only
     key: str | None = None  # None: Graphite only
     subkey: str | None = None  # for dict-valued keys such as server_by_result
+    cumulative: bool = False  # seconds.jsonl holds a running total (ledger snapshot)
 
 
 @dataclass(frozen=True)
@@ -56,14 +57,21 @@ VIEWS: tuple[View, ...] = (
         Series("clients", f"sumSeries({G}.client.*.p*.connections)"),
     ), counts=False),
     View("envelopes", "Envelopes generated vs granted vs claimed", "envelopes per second", (
-        Series("generated", f"{C}.server.envelopes.generated.count", "envelopes_generated"),
-        Series("granted", f"{C}.server.envelopes.granted.count", "envelopes_granted"),
-        Series("group claimed", f"{C}.server.claims.granted.count", "group_claimed"),
+        Series("generated", f"{C}.server.envelopes.generated.count", "envelopes_generated",
+               cumulative=True),
+        # The ledger's "granted" counts shake grants and group claims alike; the
+        # server's counters split them (envelopes.granted: shakes only).
+        Series("granted", f"sumSeries({C}.server.envelopes.granted.count,"
+               f"{C}.server.claims.granted.count)", "envelopes_granted", cumulative=True),
+        Series("group claimed", f"{C}.server.claims.granted.count", "group_claimed",
+               cumulative=True),
         Series("expired", f"{C}.server.envelopes.expired.count"),
     )),
     View("amounts", "Amounts generated vs granted", "amount per second", (
-        Series("generated", f"{C}.server.amount.generated.count", "amount_generated"),
-        Series("granted", f"{C}.server.amount.granted.count", "amount_granted"),
+        Series("generated", f"{C}.server.amount.generated.count", "amount_generated",
+               cumulative=True),
+        Series("granted", f"{C}.server.amount.granted.count", "amount_granted",
+               cumulative=True),
         Series("expired", f"{C}.server.amount.expired.count"),
     )),
     View("network", "Network packets per second (all hosts, all interfaces)", "packets/s", (

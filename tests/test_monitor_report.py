@@ -26,8 +26,10 @@ def write_records(run_dir, seconds: int = 30, skip: tuple[str, ...] = ()) -> lis
         q = 1000 if i < seconds // 2 else 2000
         row = {"t": T0 + i, "client_sent": q, "client_answered": q, "server_shakes": q,
                "server_by_result": {"14": q // 10, "15": q - q // 10},
-               "connections": 3000, "envelopes_generated": 50, "envelopes_granted": 40,
-               "group_claimed": 9, "amount_generated": 5000, "amount_granted": 4000,
+               "connections": 3000,
+               # ledger totals, as app.smoke writes them: the report draws their changes
+               "envelopes_generated": 50 * i, "envelopes_granted": 40 * i,
+               "group_claimed": 9 * i, "amount_generated": 5000 * i, "amount_granted": 4000 * i,
                "latency_p50_ms": 0.8, "latency_p99_ms": 3.0 + i % 3, "target_qps": q,
                "net_pps": 4 * q}
         rows.append({k: v for k, v in row.items() if k not in skip})
@@ -58,7 +60,9 @@ def test_report_from_run_records(tmp_path):
         r["server_by_result"]["14"] for r in rows)
     assert summary["graphs"]["latency"]["series"]["p99"] == 5.0  # a level: the peak
     assert summary["graphs"]["envelopes"]["series"] == {
-        "generated": 1500, "granted": 1200, "group claimed": 270}
+        "generated": 50 * 29, "granted": 40 * 29, "group claimed": 9 * 29}
+    assert summary["graphs"]["amounts"]["series"] == {"generated": 5000 * 29,
+                                                      "granted": 4000 * 29}
     assert summary["missing"] == ["server_health"]
     html = (run / "index.html").read_text()
     for p in paths[:-1]:
@@ -172,3 +176,13 @@ def test_graphite_without_this_runs_data_says_so_and_uses_the_records(tmp_path, 
     assert summary["source"].endswith("had no data for this window)")
     assert summary["graphite_png"] is None
     assert "graphite-qps.png" not in [p.name for p in paths]
+
+
+def test_a_per_second_key_declared_cumulative_is_drawn_as_it_is(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"t": T0 + i, "envelopes_generated": [5, 9, 3, 7][i]} for i in range(4)]
+    (run / "seconds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report.write_report(run, graphite_url="")
+    summary = json.loads((run / "report.json").read_text())
+    assert summary["graphs"]["envelopes"]["series"] == {"generated": 24}
