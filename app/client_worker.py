@@ -105,7 +105,8 @@ class Worker:
         self.by_fd: dict[int, Conn] = {}
         self.due: list[tuple[float, int]] = [(0.0, p) for p in range(self.begin, self.end)]
         self.pending: dict[int, Conn] = {}  # connecting or logging in, for the timeout
-        self.tokens = 0.0
+        self.tokens = 0.0  # token bucket of connect attempts, burst of rate/10
+        self.refilled = time.time()
         self.ready = 0
         self.reactor = Reactor(self._dispatch)
         self.stdin = sys.stdin.fileno()
@@ -181,29 +182,32 @@ class Worker:
         self.pending[conn.pos] = conn
         self.reactor.register(conn.fd, READ_WRITE)
 
-    def _retry(self, conn: Conn, now: float) -> None:
+    def _retry(self, conn: Conn, now: float, failed: bool = True) -> None:
         """Schedule the next attempt: exponential backoff with full jitter."""
-        self.connect_failures += 1
+        self.connect_failures += failed
         conn.attempt += 1
         delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** conn.attempt))
         heapq.heappush(self.due, (now + delay, conn.pos))
 
     def drop(self, conn: Conn, now: float) -> None:
         """Close a connection and schedule its comeback (no synchronized stampede)."""
-        if conn.state == READY:
+        was_up = conn.state == READY
+        if was_up:
             self.ready -= 1
+            self.reconnects += 1  # a logged-in connection lost: it comes back
         self.reactor.unregister(conn.fd)
         close_fd(conn.fd)
         self.by_fd.pop(conn.fd, None)
         self.pending.pop(conn.pos, None)
         self.lost += len(conn.sent)
         conn.fd, conn.state, conn.out, conn.buf, conn.sent = -1, DOWN, b"", b"", []
-        self.reconnects += 1
-        self._retry(conn, now)
+        self._retry(conn, now, failed=not was_up)
 
     def _connect_due(self, now: float) -> None:
         """Start the attempts that are due, no faster than ``connect_rate``."""
-        self.tokens = min(self.tokens + self.connect_rate / self.ticks,
+        # refilled by elapsed time, not per tick: a late pacer must not slow connecting
+        elapsed, self.refilled = now - self.refilled, now
+        self.tokens = min(self.tokens + self.connect_rate * max(0.0, elapsed),
                           max(1.0, self.connect_rate / 10))
         due = self.due
         while due and due[0][0] <= now and self.tokens >= 1:
