@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+FLEET_STAMP := $(VENV)/.fleet-installed
 
 .PHONY: smoke test lint bench bench-server bench-scale venv clean
 .PHONY: monitor-install monitor-up monitor-down monitor-status report
@@ -23,7 +24,7 @@ smoke: $(STAMP)
 	env $$($(PY) -m monitor.stack env) $(PY) -m app.smoke $(ARGS)
 
 ## The test suite (what .ci/run calls).
-test: $(STAMP)
+test: $(STAMP) $(FLEET_STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
 lint: $(STAMP)
@@ -54,3 +55,30 @@ monitor-status: $(STAMP)
 ## Graphs of a run: make report ARGS="--run runs/<timestamp>"
 report: $(STAMP)
 	$(PY) -m monitor.report $(ARGS)
+
+## The fleet (README "Running on a fleet"): the Ansible controller in the venv,
+## local test hosts in network namespaces (root), lint, any playbook against them:
+##   make fleet-up HOSTS=3; make fleet-run PLAYBOOK=ramp-qps.yml ARGS="-e qps=300"; make fleet-down
+.PHONY: fleet-install fleet-up fleet-down fleet-status fleet-run fleet-lint
+HOSTS ?= 3
+
+$(FLEET_STAMP): $(STAMP) requirements-fleet.txt
+	$(VENV)/bin/pip install --quiet -r requirements-fleet.txt
+	touch $(FLEET_STAMP)
+
+fleet-install: $(FLEET_STAMP)
+
+fleet-up: $(FLEET_STAMP)
+	$(PY) -m fleet.local up --hosts $(HOSTS)
+
+fleet-down:
+	$(PY) -m fleet.local down
+
+fleet-status:
+	$(PY) -m fleet.local status
+
+fleet-run: $(FLEET_STAMP)
+	$(PY) -m fleet.local run $(PLAYBOOK) $(ARGS)
+
+fleet-lint: $(FLEET_STAMP)
+	cd fleet && PATH=$(CURDIR)/$(VENV)/bin:$$PATH ANSIBLE_CONFIG=ansible.cfg ansible-lint

@@ -3,8 +3,9 @@
 One module-scoped fleet of 3 hosts (h1 = server, h2/h3 = clients) built by
 :mod:`fleet.local` in its own namespaces and subnet (so a developer's own
 ``python -m fleet.local up`` fleet is left alone), torn down by the fixture
-even when a test fails.  The tests run in file order: deploy (twice: the
-second must change nothing), ``--check --diff``, then a whole run —
+even when a test fails.  The tests run in file order: ``--check --diff``
+on the new hosts, deploy (twice: the second must change nothing),
+``--check --diff`` again (nothing to change), then a whole run —
 start, ramp-qps (the server's per-second rate must match), status, stop —
 and finally the same over paramiko.
 
@@ -131,6 +132,12 @@ def play(f: Fleet, playbook: str, *args: str, name: str | None = None) -> dict:
     return {"recap": recap, "output": output}
 
 
+def test_check_diff_on_new_hosts(fleet):
+    """--check --diff before anything is deployed: runs through, reports what it would do."""
+    checked = play(fleet, "deploy.yml", "--check", "--diff", name="deploy-check-new")
+    assert all(r["changed"] > 0 for r in checked["recap"].values())
+
+
 def test_deploy_then_second_deploy_changes_nothing(fleet):
     first = play(fleet, "deploy.yml", name="deploy-1")
     assert set(first["recap"]) == {"hbt-h1", "hbt-h2", "hbt-h3"}
@@ -140,7 +147,7 @@ def test_deploy_then_second_deploy_changes_nothing(fleet):
     assert changed == {"hbt-h1": 0, "hbt-h2": 0, "hbt-h3": 0}, second["output"][-4000:]
 
 
-def test_check_diff_runs_clean(fleet):
+def test_check_diff_after_deploy_changes_nothing(fleet):
     checked = play(fleet, "deploy.yml", "--check", "--diff", name="deploy-check")
     assert all(r["changed"] == 0 for r in checked["recap"].values())
 

@@ -244,6 +244,12 @@ class Fleet:
         (etc / "apt" / "sources.list").write_text(
             f"deb [trusted=yes] http://{self.controller_address}:{APT_PORT}/ ./\n"
         )
+        # The index of the local repository, as a previous `apt-get update` leaves
+        # it: a real Debian host has one, and `--check` resolves packages with it.
+        lists = upper / "var" / "lib" / "apt" / "lists"
+        lists.mkdir(parents=True)
+        shutil.copy(rootfs.repo_dir(self.cache) / "Packages",
+                    lists / f"{self.controller_address}:{APT_PORT}_._Packages")
         ssh_dir = upper / "root" / ".ssh"
         ssh_dir.mkdir(parents=True, mode=0o700)
         os.chmod(upper / "root", 0o700)
