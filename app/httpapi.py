@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
-from gevent.pywsgi import WSGIServer
+from gevent.pywsgi import WSGIHandler, WSGIServer
 
 log = logging.getLogger(__name__)
 
 MAX_URL = 2048
 MAX_BODY = 4096
+IO_TIMEOUT = 5.0  # seconds a client may take per read/write (requests are tiny)
 
 
 class HttpError(Exception):
@@ -137,9 +138,23 @@ class Api:
         return handler(request)
 
 
+class BoundedHandler(WSGIHandler):
+    """A handler whose socket reads and writes time out.
+
+    gevent's handler has no timeout of its own: a client that sends half a
+    request line, or declares a body (e.g. the 413 case) and never sends
+    it, held a greenlet and a descriptor forever (gevent drains the body
+    after the answer). With the timeout it is cut after ``IO_TIMEOUT``.
+    """
+
+    def handle(self) -> None:
+        self.socket.settimeout(IO_TIMEOUT)
+        super().handle()
+
+
 def serve(api: Api, address: tuple[str, int]) -> WSGIServer:
     """Start serving ``api`` on ``address`` (port 0 picks one; see ``server.address``)."""
-    server = WSGIServer(address, api, log=None, error_log=log)
+    server = WSGIServer(address, api, log=None, error_log=log, handler_class=BoundedHandler)
     server.start()
     return server
 
