@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
+import time
 import urllib.error
 import urllib.request
 
@@ -49,6 +51,18 @@ def request(server: ServerProcess, path: str, method: str = "GET", body: bytes =
         return resp.status, (json.loads(data) if data.strip() else {})
     finally:
         conn.close()
+
+
+def read_response(sock: socket.socket) -> str:
+    """One whole HTTP response (head and its Content-Length body) from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(4096)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"Content-Length: (\d+)", head, re.I).group(1))
+    while len(body) < length:
+        body += sock.recv(4096)
+    return (head + b"\r\n\r\n" + body).decode()
 
 
 def campaigns(server: ServerProcess) -> list:
@@ -127,7 +141,7 @@ def test_http_errors_and_size_limits(guarded, method, path, body, headers, statu
         try:
             raw.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: "
                         f"{headers['Content-Length']}\r\n\r\n".encode())
-            head = raw.recv(4096).decode()
+            head = read_response(raw)
         finally:
             raw.close()
         got, text = int(head.split()[1]), head
@@ -249,3 +263,25 @@ def test_shake_for_someone_else_is_refused_and_costs_nothing(guarded):
     record(Row("auth: control API + shake/claim as someone else", bad_inputs=len(REFUSED),
                ledger_diff=ledger_diff(ledger),
                figures={"refused_requests": len(REFUSED)}))
+
+
+def test_slow_or_silent_http_clients_are_cut_after_the_io_timeout(guarded):
+    """Half a request line, or a declared body never sent: closed, not held forever."""
+    from app.httpapi import IO_TIMEOUT
+
+    half = socket.create_connection(("127.0.0.1", guarded.control_port), timeout=10)
+    declared = socket.create_connection(("127.0.0.1", guarded.control_port), timeout=10)
+    try:
+        half.sendall(b"GET /yaohong")
+        declared.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        assert read_response(declared).startswith("HTTP/1.1 413")
+        started = time.time()
+        for sock in (half, declared):
+            sock.settimeout(IO_TIMEOUT + 5)
+            assert sock.recv(4096) == b""  # EOF: the server hung up
+        assert time.time() - started < IO_TIMEOUT + 5
+    finally:
+        half.close()
+        declared.close()
+    REFUSED.extend(["slow request line", "declared body never sent"])
+    assert request(guarded, "/health")[0] == 200
