@@ -46,6 +46,8 @@ STOP_TIMEOUT = 10.0  # seconds a process has after SIGTERM before SIGKILL of its
 DRAIN_SECONDS = 2  # after the last phase: in-flight answers arrive, seconds complete
 SHAKE_ENVELOPE_SHARE = 0.05  # shake envelopes generated per second, as a share of peak QPS
 GROUPS_PER_SECOND = 20  # group envelopes created per second during the loaded phases
+PER_SOURCE = 14_000  # connections per source address (see README, "Client agent")
+PER_SET = 18_000  # connections per SET under the 20,000 descriptor limit
 
 
 @dataclass
@@ -120,9 +122,11 @@ class Smoke:
     def start_server(self) -> None:
         c = self.config
         budget = max(100_000, c.qps * 2)  # the smoke measures accuracy, not overload
+        sets = max(c.sets, math.ceil(c.connections / PER_SET))
+        self.config = c.replace(sets=sets)
         self.server = Service("server", [
             sys.executable, "-m", "app.server", "--host", "127.0.0.1", "--port", "0",
-            "--control", "127.0.0.1:0", "--sets", str(c.sets), "--journal-dir",
+            "--control", "127.0.0.1:0", "--sets", str(sets), "--journal-dir",
             str(self.run_dir / "journal"), "--shake-budget", str(budget),
             "--target-connections", str(c.connections), "--log-level", c.log_level,
             *(["--statsd", c.statsd] if c.statsd else [])],
@@ -136,10 +140,13 @@ class Smoke:
         for k in range(c.hosts):
             first = 1 + k * c.connections // c.hosts
             last = (k + 1) * c.connections // c.hosts
+            # host k binds 127.1.0.(k+1), and 127.1.1.(k+1), ... when it needs more ports
+            sources = ",".join(f"127.1.{i}.{k + 1}"
+                               for i in range(math.ceil((last - first + 1) / PER_SOURCE)))
             service = Service(f"client{k}", [
                 sys.executable, "-m", "app.client", "--server", f"127.0.0.1:{self.port}",
                 "--server-control", self.server_api, "--users", f"{first}-{last}",
-                "--control", "127.0.0.1:0", "--source", f"127.1.0.{k + 1}",
+                "--control", "127.0.0.1:0", "--source", sources,
                 "--host-name", f"smoke{k}", "--hosts", str(c.hosts), "--host-index", str(k),
                 "--qps", "0", "--pacing", c.pacing, "--ticks", str(c.ticks),
                 "--connect-rate", str(c.connect_rate), "--log-level", c.log_level,
@@ -299,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         for record in seconds:
             public = {k: v for k, v in record.items() if k != "_hist"}
             fh.write(json.dumps(public, separators=(",", ":")) + "\n")
-    summary = summarise(config, smoke.phases, seconds, raw, login_seconds, time.time() - began)
+    summary = summarise(smoke.config, smoke.phases, seconds, raw, login_seconds,
+                        time.time() - began)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     graphs = write_graphs(run_dir)
     print(write_table(summary, run_dir, graphs))
