@@ -29,6 +29,7 @@ import os
 import random
 import resource
 import select
+import signal
 import socket
 import struct
 import sys
@@ -432,6 +433,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=spec.get("log_level", "info").upper(), stream=sys.stderr,
                         format=f"%(asctime)s client.p{spec['index']} %(levelname)s %(message)s")
     raise_fd_limit(spec["end"] - spec["begin"])
+    # Ctrl-C reaches the whole process group; the agent decides when we stop
+    # (a "stop" line or the end of stdin), so a terminal's SIGINT is ignored.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     Worker(spec).run()
 
 
