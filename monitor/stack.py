@@ -34,6 +34,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -149,6 +150,11 @@ class Stack:
             pip = [str(self.venv / "bin" / "pip"), "install", "--disable-pip-version-check"]
             _run([*pip, *(["-q"] if quiet else []), "-r", str(req)], env=env)
             (self.venv / "static" / ".collected").unlink(missing_ok=True)  # recollect
+            (self.venv / "graphite.db.empty").unlink(missing_ok=True)
+            with tempfile.TemporaryDirectory(prefix="hongbao-monitor-") as tmp:
+                scratch = Stack(root=Path(tmp), venv=self.venv, ports=self.ports)
+                scratch.write_configs()
+                scratch.migrate()  # leaves graphite.db.empty and the static files
             stamp.write_text(digest)
             spent["venv"] = time.monotonic() - t0
         lock = NODE_DIR / "package-lock.json"
@@ -235,18 +241,35 @@ class Stack:
         }
 
     def migrate(self) -> None:
-        """Create graphite-web's sqlite database (dashboards) and its static files, once.
+        """Create graphite-web's sqlite database (dashboards) once per root.
 
-        The static files (the dashboard's JavaScript) are collected into the
-        venv, shared by every stack, and served by whitenoise inside gunicorn.
+        A fresh root gets a copy of the empty database migrated at install time
+        (migrating costs ~4 s on a busy machine; copying, nothing).
         """
-        admin = str(self.venv / "bin" / "django-admin")
-        if not (self.root / "storage" / "graphite.db").exists():
-            _run([admin, "migrate", "--noinput", "-v", "0"], env=self._env(), cwd=self.root)
-        if not (self.venv / "static" / ".collected").exists():
-            _run([admin, "collectstatic", "--noinput", "-v", "0"], env=self._env(),
-                 cwd=self.root)
-            (self.venv / "static" / ".collected").touch()
+        db = self.root / "storage" / "graphite.db"
+        template = self.venv / "graphite.db.empty"
+        if not db.exists():
+            if template.exists():
+                shutil.copyfile(template, db)
+            else:
+                _run([str(self.venv / "bin" / "django-admin"), "migrate", "--noinput", "-v",
+                      "0"], env=self._env(), cwd=self.root)
+                if db.exists():
+                    shutil.copyfile(db, template)
+        self.collect_static()
+
+    def collect_static(self) -> None:
+        """Collect graphite-web's static files (the dashboard's JavaScript) into the venv.
+
+        Shared by every stack, served by whitenoise inside gunicorn; done at
+        install time (~8 s) so that a first ``up`` stays fast.
+        """
+        if (self.venv / "static" / ".collected").exists():
+            return
+        self.write_configs()
+        _run([str(self.venv / "bin" / "django-admin"), "collectstatic", "--noinput", "-v", "0"],
+             env=self._env(), cwd=self.root)
+        (self.venv / "static" / ".collected").touch()
 
     # -- lifecycle -------------------------------------------------------------------
 
