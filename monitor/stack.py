@@ -453,12 +453,19 @@ def _run(argv: list[str], **kw) -> None:
 
 
 def _ours(pid: int, root: Path) -> bool:
-    """Is pid alive and one of this stack's daemons (its command line names root)?"""
+    """Is pid alive and one of this stack's daemons (its command line names root/conf)?"""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return str(root).encode() in cmdline
+    # Every daemon's arguments name root/conf (statsd.js, carbon.conf, --pythonpath);
+    # match it whole, so /tmp/x does not claim the daemons of /tmp/x2.
+    conf = str(root / "conf").encode()
+    for arg in cmdline.split(b"\0"):
+        value = arg.partition(b"=")[2] if arg.startswith(b"--") else arg  # --config=PATH
+        if value == conf or value.startswith(conf + b"/"):
+            return True
+    return False
 
 
 def _stop_group(pgid: int, proc: subprocess.Popen | None) -> None:

@@ -77,7 +77,8 @@ def test_down_stops_the_whole_group_of_a_recorded_daemon(tmp_path):
     script = ("import subprocess, sys, time; "
               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
               "time.sleep(60)")
-    leader = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)],
+    leader = subprocess.Popen([sys.executable, "-c", script,
+                               f"--config={tmp_path / 'conf' / 'carbon.conf'}"],
                               start_new_session=True)
     try:
         time.sleep(0.5)
@@ -85,6 +86,8 @@ def test_down_stops_the_whole_group_of_a_recorded_daemon(tmp_path):
         st.save_state()
         recorded = st.load_state()
         assert recorded.alive()
+        # A stack whose root is a prefix of ours does not claim it.
+        assert not stack._ours(leader.pid, tmp_path.parent / tmp_path.name[:-1])
         assert recorded.down() == ["statsd"]
         leader.wait(5)
         with pytest.raises(ProcessLookupError):
