@@ -32,6 +32,7 @@ import gevent
 from gevent import subprocess
 from gevent.event import Event
 from gevent.lock import BoundedSemaphore
+from gevent.socket import wait_read
 
 from app.set_worker import EXIT_BOOT_ERROR
 
@@ -143,6 +144,7 @@ class Supervisor:
             if code == EXIT_BOOT_ERROR:
                 handle.failed = "cannot boot (see its log: journal or listen error)"
                 log.error("SET %d cannot boot; not restarting it", handle.set_id)
+                gevent.spawn(self._refuse_handoffs, handle)
                 return
             ran = time.time() - handle.started_at
             quick = 0 if ran > STABLE_AFTER else quick + 1
@@ -153,6 +155,30 @@ class Supervisor:
                         why, ran, handle.restarts, delay)
             if delay:
                 self.stopping.wait(delay)
+
+    def _refuse_handoffs(self, handle: SetHandle) -> None:
+        """Close every connection handed to a SET that cannot boot.
+
+        Its inbox outlives it, so other SETs keep handing it its users; the
+        sockets would sit in the inbox queue, open and unanswered, until each
+        client gave up (the agent after its 10 s login timeout). Closed, a
+        client sees EOF at once and retries with its backoff.
+        """
+        sock = handle.inbox_recv
+        sock.setblocking(False)
+        while not self.stopping.is_set():
+            try:
+                _msg, fds, _flags, _addr = socket.recv_fds(sock, 1024, 4)
+            except BlockingIOError:
+                try:
+                    wait_read(sock.fileno(), timeout=1.0)
+                except TimeoutError:
+                    pass
+                continue
+            except OSError:
+                return
+            for fd in fds:
+                os.close(fd)
 
     def _await_ready(self, handle: SetHandle) -> None:
         process = handle.process
