@@ -206,6 +206,14 @@ def test_corrupted_journal_is_refused_and_reported(start_server, tmp_path):
         assert c.shake().result in (p.ShakeCode.GOT, p.ShakeCode.NONE_LEFT)
     finally:
         c.close()
+    # A user of the refused SET is hung up on at once, not left waiting for
+    # an answer that cannot come (its client retries with its backoff).
+    orphan = Client(again.port)
+    try:
+        orphan.send(p.Login(1))
+        assert orphan.is_closed(timeout=3)
+    finally:
+        orphan.close()
     stats = again.stats(audit=True)
     assert stats["ledger"]["complete"] is False  # the sum says it misses SET 1
     record(Row("journal: corrupted middle record", faults=1, bad_inputs=1,
