@@ -19,8 +19,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -89,7 +91,7 @@ def write_table() -> str:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def reliability_table():
+def reliability_table() -> Iterator[None]:
     """Module teardown: print the table so far and rewrite var/reliability-table.txt."""
     yield
     if ROWS:
@@ -171,11 +173,12 @@ class AgentProcess:
 
 
 @pytest.fixture
-def start_agent(tmp_path):
+def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     """Factory: ``start_agent(server, (first, last), qps=0, **flags)`` -> a running agent."""
     started: list[AgentProcess] = []
 
-    def start(server, users: tuple[int, int], qps: int = 0, **flags: object) -> AgentProcess:
+    def start(server: Any, users: tuple[int, int], qps: int = 0,
+              **flags: object) -> AgentProcess:
         agent = AgentProcess(tmp_path / f"agent-{time.time_ns()}.log", server.port, users,
                              qps, **flags)
         started.append(agent)

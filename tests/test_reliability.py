@@ -18,16 +18,20 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
+from typing import Any
 
 from tests import reliability
-from tests.reliability import Row, ledger_diff, record
+from tests.reliability import AgentProcess, Row, ledger_diff, record
+from tests.serverproc import ServerProcess
 from tests.test_server import wait_for
 
 reliability_table = reliability.reliability_table  # module fixture: prints the table
 start_agent = reliability.start_agent
 
 
-def poll(fn, until, interval: float = 0.01, timeout: float = 20.0):
+def poll(fn: Callable[[], Any], until: Callable[[Any], bool], interval: float = 0.01,
+         timeout: float = 20.0) -> tuple[Any, float]:
     """Call ``fn`` every ``interval`` until ``until(value)``; (value, seconds taken)."""
     started = time.time()
     while True:
@@ -42,7 +46,7 @@ def poll(fn, until, interval: float = 0.01, timeout: float = 20.0):
         time.sleep(interval)
 
 
-def agent_money(agent, server) -> dict:
+def agent_money(agent: AgentProcess, server: ServerProcess) -> dict:
     """Stop the agent's load, then check what it was told against the server's ledger."""
     agent.get("/qps?qps=0")
     time.sleep(2.5)
