@@ -19,18 +19,16 @@ statsd daemon comes from the npm registry into ``monitor/node_modules``.
 Each daemon runs in its own session, so its process group id is its pid and
 ``down`` (or a test fixture) stops exactly the groups it started, never by
 name. A pid from ``stack.json`` is only signalled if its command line still
-names this stack's directory (pids get reused).
+names this stack's conf directory (pids get reused); see monitor.procs.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -40,6 +38,8 @@ import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from monitor.procs import StackError, digest, is_ours, run, spawn, stop_group, tail
 
 MONITOR_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = MONITOR_DIR.parent
@@ -51,7 +51,6 @@ NODE_DIR = MONITOR_DIR  # package.json + package-lock.json; node_modules/ beside
 #: 1 s points for the length of a long test day, then 10 s for a week.
 DEFAULT_RETENTIONS = "1s:6h,10s:7d"
 START_TIMEOUT = 30.0  # seconds for all three daemons to answer (measured: ~1.5 s)
-STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL for one group
 COMPONENTS = ("carbon", "statsd", "web")  # start order; stopped in reverse
 
 
@@ -141,25 +140,25 @@ class Stack:
         spent: dict[str, float] = {}
         req = MONITOR_DIR / "requirements.txt"
         stamp = self.venv / ".hongbao-installed"
-        digest = _digest(req)
-        if not (stamp.exists() and stamp.read_text() == digest):
+        wanted = digest(req)
+        if not (stamp.exists() and stamp.read_text() == wanted):
             t0 = time.monotonic()
             if not (self.venv / "bin" / "python").exists():
-                _run([sys.executable, "-m", "venv", str(self.venv)])
+                run([sys.executable, "-m", "venv", str(self.venv)])
             env = dict(os.environ, GRAPHITE_NO_PREFIX="1")  # into the venv, not /opt
             pip = [str(self.venv / "bin" / "pip"), "install", "--disable-pip-version-check"]
-            _run([*pip, *(["-q"] if quiet else []), "-r", str(req)], env=env)
+            run([*pip, *(["-q"] if quiet else []), "-r", str(req)], env=env)
             (self.venv / "static" / ".collected").unlink(missing_ok=True)  # recollect
             (self.venv / "graphite.db.empty").unlink(missing_ok=True)
             with tempfile.TemporaryDirectory(prefix="hongbao-monitor-") as tmp:
                 scratch = Stack(root=Path(tmp), venv=self.venv, ports=self.ports)
                 scratch.write_configs()
                 scratch.migrate()  # leaves graphite.db.empty and the static files
-            stamp.write_text(digest)
+            stamp.write_text(wanted)
             spent["venv"] = time.monotonic() - t0
         lock = NODE_DIR / "package-lock.json"
         nstamp = NODE_DIR / "node_modules" / ".hongbao-installed"
-        ndigest = _digest(lock)
+        ndigest = digest(lock)
         if not (nstamp.exists() and nstamp.read_text() == ndigest):
             npm = shutil.which("npm")
             if npm is None:
@@ -167,7 +166,7 @@ class Stack:
             t0 = time.monotonic()
             # Optional deps of statsd are syslog/hashring helpers we don't use;
             # modern-syslog would need node-gyp.
-            _run([npm, "ci", "--omit=optional", "--ignore-scripts", "--no-audit", "--no-fund",
+            run([npm, "ci", "--omit=optional", "--ignore-scripts", "--no-audit", "--no-fund",
                   *(["--loglevel=error"] if quiet else [])], cwd=NODE_DIR)
             nstamp.write_text(ndigest)
             spent["npm"] = time.monotonic() - t0
@@ -252,7 +251,7 @@ class Stack:
             if template.exists():
                 shutil.copyfile(template, db)
             else:
-                _run([str(self.venv / "bin" / "django-admin"), "migrate", "--noinput", "-v",
+                run([str(self.venv / "bin" / "django-admin"), "migrate", "--noinput", "-v",
                       "0"], env=self._env(), cwd=self.root)
                 if db.exists():
                     shutil.copyfile(db, template)
@@ -267,7 +266,7 @@ class Stack:
         if (self.venv / "static" / ".collected").exists():
             return
         self.write_configs()
-        _run([str(self.venv / "bin" / "django-admin"), "collectstatic", "--noinput", "-v", "0"],
+        run([str(self.venv / "bin" / "django-admin"), "collectstatic", "--noinput", "-v", "0"],
              env=self._env(), cwd=self.root)
         (self.venv / "static" / ".collected").touch()
 
@@ -289,10 +288,7 @@ class Stack:
         deadline = time.monotonic() + timeout
         try:
             for name, argv in self._commands().items():
-                with open(self.root / "log" / f"{name}.out", "ab") as log:
-                    proc = subprocess.Popen(
-                        argv, cwd=self.root, env=self._env(), stdin=subprocess.DEVNULL,
-                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                proc = spawn(argv, self.root / "log" / f"{name}.out", self.root, self._env())
                 self._procs[name] = proc
                 self.pids[name] = proc.pid
                 self.save_state()
@@ -323,7 +319,7 @@ class Stack:
                 if proc is not None and proc.poll() is not None:
                     raise StackError(f"{name} exited with {proc.returncode}; "
                                      f"see {self.root / 'log' / (name + '.out')}\n"
-                                     + _tail(self.root / "log" / f"{name}.out"))
+                                     + tail(self.root / "log" / f"{name}.out"))
                 if self.probe(name):
                     pending.remove(name)
             if not pending:
@@ -357,7 +353,7 @@ class Stack:
         raise ValueError(name)
 
     def alive(self) -> bool:
-        return any(_ours(pid, self.root) for pid in self.pids.values())
+        return any(is_ours(pid, self.root) for pid in self.pids.values())
 
     def down(self) -> list[str]:
         """Stop every group this stack started (SIGTERM, then SIGKILL); return names."""
@@ -367,8 +363,8 @@ class Stack:
             if pid is None:
                 continue
             proc = self._procs.get(name)
-            if proc is not None or _ours(pid, self.root):
-                _stop_group(pid, proc)
+            if proc is not None or is_ours(pid, self.root):
+                stop_group(pid, proc)
                 stopped.append(name)
             self.pids.pop(name, None)
             self._procs.pop(name, None)
@@ -396,7 +392,7 @@ class Stack:
 
     def status(self) -> dict[str, dict[str, object]]:
         return {name: {"pid": self.pids.get(name),
-                       "running": bool(self.pids.get(name)) and _ours(self.pids[name], self.root),
+                       "running": bool(self.pids.get(name)) and is_ours(self.pids[name], self.root),
                        "answers": self.probe(name)}
                 for name in COMPONENTS}
 
@@ -429,14 +425,6 @@ def fetch_series(graphite_url: str, target: str, start: int, end: int,
         return json.load(resp)
 
 
-class StackError(RuntimeError):
-    """The stack could not be installed, started or reached."""
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _render(text: str, values: dict[str, str]) -> str:
     for key, value in values.items():
         text = text.replace("{{" + key + "}}", value)
@@ -444,58 +432,6 @@ def _render(text: str, values: dict[str, str]) -> str:
         raise StackError(f"unrendered placeholder in template: {text[text.index('{{'):][:40]}")
     return text
 
-
-def _run(argv: list[str], **kw) -> None:
-    try:
-        subprocess.run(argv, check=True, stdin=subprocess.DEVNULL, timeout=600, **kw)
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-        raise StackError(f"{' '.join(argv[:3])} ...: {exc}") from exc
-
-
-def _ours(pid: int, root: Path) -> bool:
-    """Is pid alive and one of this stack's daemons (its command line names root/conf)?"""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    # Every daemon's arguments name root/conf (statsd.js, carbon.conf, --pythonpath);
-    # match it whole, so /tmp/x does not claim the daemons of /tmp/x2.
-    conf = str(root / "conf").encode()
-    for arg in cmdline.split(b"\0"):
-        value = arg.partition(b"=")[2] if arg.startswith(b"--") else arg  # --config=PATH
-        if value == conf or value.startswith(conf + b"/"):
-            return True
-    return False
-
-
-def _stop_group(pgid: int, proc: subprocess.Popen | None) -> None:
-    """SIGTERM the group, wait up to STOP_TIMEOUT, then SIGKILL it; reap our child."""
-    for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, 2.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if proc is not None:
-                proc.poll()  # reap the leader so it does not linger as a zombie
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
-    if proc is not None:
-        try:
-            proc.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            pass
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 def main(argv: list[str] | None = None) -> int:

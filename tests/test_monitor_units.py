@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from monitor import bench, stack
+from monitor import bench, procs, stack
 from monitor.stack import Ports, Stack, StackError
 
 
@@ -87,7 +87,7 @@ def test_down_stops_the_whole_group_of_a_recorded_daemon(tmp_path):
         recorded = st.load_state()
         assert recorded.alive()
         # A stack whose root is a prefix of ours does not claim it.
-        assert not stack._ours(leader.pid, tmp_path.parent / tmp_path.name[:-1])
+        assert not procs.is_ours(leader.pid, tmp_path.parent / tmp_path.name[:-1])
         assert recorded.down() == ["statsd"]
         leader.wait(5)
         with pytest.raises(ProcessLookupError):
