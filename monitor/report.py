@@ -30,6 +30,7 @@ import datetime as dt
 import html
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -42,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from monitor.views import VIEWS, View, graphite_urls
+
+log = logging.getLogger("hongbao.report")
 
 GRAPHITE_SHIFT = 2.0  # seconds to subtract from a Graphite timestamp, see above
 RECORDS = "seconds.jsonl"
@@ -114,7 +117,11 @@ def series_from_graphite(url: str, view: View, start: int, end: int) -> dict[str
         if not s.target:
             continue
         # Ask 2 s past both ends: the shift moves points across the edges.
-        result = fetch_series(url, s.target, start - 2, end + 3)
+        try:
+            result = fetch_series(url, s.target, start - 2, end + 3)
+        except (OSError, ValueError) as exc:  # one bad series must not cost the report
+            log.warning("graphite %s: %s", s.target, exc)
+            continue
         points = [(ts - GRAPHITE_SHIFT, float(v)) for item in result
                   for v, ts in item["datapoints"] if v is not None]
         # Keep the points of the window's seconds, [start, end].
