@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import psutil
+
 from tests import reliability
 from tests.reliability import AgentProcess, Row, ledger_diff, record
 from tests.serverproc import ServerProcess
@@ -226,3 +228,69 @@ def test_agent_killed_mid_run_connections_cleaned_and_shares_expire(start_server
                         "expired_shares": ledger["expired"]["count"],
                         "expired_amount": ledger["expired"]["amount"],
                         "expire_poll_s": round(expired_in, 3)}))
+
+
+def test_kill_9_of_the_supervisor_sets_stop_by_themselves(start_server, start_agent):
+    """No orphan SET keeps the port or its journal: each sees its control socket close."""
+    server = start_server(sets=2)
+    server.get("/yaohongbao?qps=100&sum=1000000")
+    agent = start_agent(server, (1, 200))
+    agent.wait_connected()
+    agent.get("/qps?qps=200")
+    time.sleep(1.5)
+    pids = server.set_pids()
+    os.kill(server.proc.pid, signal.SIGKILL)
+
+    def alive() -> list[int]:
+        out = []
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    out.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    _, orphans_gone = poll(alive, lambda left: not left, interval=0.02, timeout=15)
+    again = start_server(sets=2, port=server.port)
+    stats = again.stats(audit=True)
+    torn = [s["journal"]["replayed"]["torn_bytes"] for s in stats["per_set"]]
+    assert torn == [0, 0]  # each SET flushed its journal on the way out
+    poll(lambda: agent.get("/health"), lambda h: h["connections"] == 200, interval=0.05,
+         timeout=40)
+    client = agent_money(agent, again)
+    ledger = again.stats(audit=True)["ledger"]
+    record(Row("fault: kill -9 of the supervisor (agent connected)", faults=1,
+               survived=f"{client['connections']}/200 back", lost=0,
+               ledger_diff=ledger_diff(ledger),
+               figures={"sets_gone_s": round(orphans_gone, 3), "torn_bytes": torn,
+                        "in_flight_lost": client["totals"]["lost"]}))
+
+
+def test_hung_set_is_killed_by_the_heartbeat_and_restarted(start_server, start_agent):
+    """SIGSTOP a SET: the supervisor's pings go unanswered, it kills and restarts the SET."""
+    server = start_server(sets=2)
+    agent = start_agent(server, (1, 100))
+    agent.wait_connected()
+    agent.get("/qps?qps=100")
+    victim = server.stats()["per_set"][1]["pid"]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        _, restarted = poll(lambda: server.get("/health", timeout=5),
+                            lambda h: h["restarts"] == 1 and h["sets_alive"] == 2,
+                            interval=0.1, timeout=40)
+    finally:
+        try:
+            os.kill(victim, signal.SIGCONT)  # only if the test failed before the kill
+        except ProcessLookupError:
+            pass
+    assert server.stats()["per_set"][1]["pid"] != victim
+    poll(lambda: agent.get("/health"), lambda h: h["connections"] == 100, interval=0.05,
+         timeout=30)
+    client = agent_money(agent, server)
+    ledger = server.stats(audit=True)["ledger"]
+    record(Row("fault: hung SET (SIGSTOP) killed by heartbeat", faults=1,
+               survived=f"{client['connections']}/100 back", lost=0,
+               ledger_diff=ledger_diff(ledger),
+               figures={"detected_and_restarted_s": round(restarted, 2),
+                        "in_flight_lost": client["totals"]["lost"]}))
