@@ -122,12 +122,15 @@ def series_from_graphite(url: str, view: View, start: int, end: int) -> dict[str
         except (OSError, ValueError) as exc:  # one bad series must not cost the report
             log.warning("graphite %s: %s", s.target, exc)
             continue
-        points = [(ts - GRAPHITE_SHIFT, float(v)) for item in result
-                  for v, ts in item["datapoints"] if v is not None]
-        # Keep the points of the window's seconds, [start, end].
-        points = [(t, v) for t, v in points if start <= t <= end]
-        if points:
-            out[s.label] = points
+        lines: dict[str, Points] = {}
+        for item in result:
+            label = f"{item['target']} {s.label}" if s.per_item else s.label
+            # Keep the points of the window's seconds, [start, end].
+            points = [(ts - GRAPHITE_SHIFT, float(v)) for v, ts in item["datapoints"]
+                      if v is not None and start <= ts - GRAPHITE_SHIFT <= end]
+            if points:
+                lines.setdefault(label, []).extend(points)
+        out.update(lines)
     return out
 
 

@@ -27,6 +27,7 @@ class Series:
     key: str | None = None  # None: Graphite only
     subkey: str | None = None  # for dict-valued keys such as server_by_result
     cumulative: bool = False  # seconds.jsonl holds a running total (ledger snapshot)
+    per_item: bool = False  # the target returns one series per host: one line each
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,13 @@ VIEWS: tuple[View, ...] = (
                cumulative=True),
         Series("expired", f"{C}.server.amount.expired.count"),
     )),
-    View("network", "Network packets per second (all hosts, all interfaces)", "packets/s", (
-        Series("packets in", f"sumSeries({G}.net.*.*.packets_in)"),
-        Series("packets out", f"sumSeries({G}.net.*.*.packets_out)"),
+    # One line per host (its interfaces summed): hosts simulated on one machine
+    # each see that machine's interfaces, so a fleet-wide sum would count them twice.
+    View("network", "Network packets per second per host (all interfaces)", "packets/s", (
+        Series("in", f"aliasByNode(sumSeriesWithWildcards({G}.net.*.*.packets_in,5),4)",
+               per_item=True),
+        Series("out", f"aliasByNode(sumSeriesWithWildcards({G}.net.*.*.packets_out,5),4)",
+               per_item=True),
         Series("packets", "", "net_pps"),
     ), counts=False),
     View("latency", "Client latency", "milliseconds", (
@@ -96,7 +101,7 @@ def graphite_urls(graphite_url: str, since: str | int = "-15min",
     urls = {}
     for view in VIEWS:
         params: list[tuple[str, str]] = [
-            ("target", f"alias({s.target},'{s.label}')") for s in view.series if s.target]
+            ("target", _labelled(s)) for s in view.series if s.target]
         params += [("from", str(since)), ("until", str(until)), ("title", view.title),
                    ("vtitle", view.ylabel), ("width", "900"), ("height", "350"), ("tz", "UTC")]
         urls[view.name] = f"{graphite_url}/render?{urllib.parse.urlencode(params)}"
@@ -111,7 +116,7 @@ def dashboard_state(name: str = "hongbao", minutes: int = 15) -> dict:
     """
     graphs = []
     for view in VIEWS:
-        targets = [f"alias({s.target},'{s.label}')" for s in view.series if s.target]
+        targets = [_labelled(s) for s in view.series if s.target]
         params = {"target": targets, "title": view.title, "vtitle": view.ylabel}
         query = urllib.parse.urlencode([("target", t) for t in targets]
                                        + [("title", view.title), ("vtitle", view.ylabel)])
@@ -128,3 +133,10 @@ def dashboard_state(name: str = "hongbao", minutes: int = 15) -> dict:
                                "height": 280, "tz": "UTC"},
         "graphs": graphs,
     }
+
+
+def _labelled(s: Series) -> str:
+    """The target with its legend label (per-item series keep their host name)."""
+    if s.per_item:
+        return f"aliasSub({s.target},'^(.*)$','\\1 {s.label}')"
+    return f"alias({s.target},'{s.label}')"
