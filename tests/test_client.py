@@ -132,11 +132,12 @@ def test_qps_change_takes_effect_within_one_second(start_server, agents):
     time.sleep(1.5)
     asked = time.time()
     answer = agent.get("/qps?qps=700")
-    assert answer["previous"] == 200 and answer["from"] - asked < 0.1
-    change = int(asked)
+    # applied two ticks (20 ms) after the agent took the request; slack for a busy box
+    assert answer["previous"] == 200 and answer["from"] - asked < 0.5
+    change = int(answer["from"])  # the partial second; the next one is all at the new rate
     sleep_until(change + 3.2)
     rows = {r["second"]: r["sent"] for r in agent.get(f"/stats?since={change - 1}")["per_second"]}
-    assert rows[change - 1] == 200
+    assert rows[change - 1] == 200 and 200 <= rows[change] <= 700
     assert rows[change + 1] == 700 and rows[change + 2] == 700
     counted = {r["second"]: r["shakes"] for r in server.stats()["per_second"]}
     assert counted[change + 1] == 700
