@@ -8,8 +8,9 @@ How to run::
     python -m monitor.report --run DIR --from -15min                  # ends now
 
 Source: Graphite's render API (JSON) when it answers -- the URL given, else
-the stack that ``python -m monitor.stack up`` started -- otherwise the run's
-own per-second records, ``DIR/seconds.jsonl``. Both sources are drawn by
+HONGBAO_GRAPHITE_URL (``make smoke`` sets it when the stack is up), else
+(command line only) the stack that ``python -m monitor.stack up`` started --
+otherwise the run's own per-second records, ``DIR/seconds.jsonl``. Both sources are drawn by
 the same code from the same table (monitor.views), so the graphs compare.
 With Graphite, the report also saves graphite-web's own PNG of the QPS view
 (``graphite-qps.png``: rendered by cairo in the stack).
@@ -143,11 +144,17 @@ def graphite_answers(url: str) -> bool:
         return False
 
 
-def find_graphite() -> str | None:
-    """HONGBAO_GRAPHITE_URL, else the local stack started by monitor.stack, else None."""
+def find_graphite(running: bool = False) -> str | None:
+    """HONGBAO_GRAPHITE_URL, else (running=True) the local stack's URL, else None.
+
+    ``make smoke`` sets HONGBAO_GRAPHITE_URL exactly when the run sent its
+    metrics to the stack; a run that did not must not be drawn from whatever
+    else the stack recorded in that window, so only the command line (a
+    person asking for a report) also looks for a running stack.
+    """
     url = os.environ.get("HONGBAO_GRAPHITE_URL")
-    if url:
-        return url
+    if url or not running:
+        return url or None
     from monitor.stack import running_stack
 
     stack = running_stack()
@@ -322,8 +329,9 @@ def write_report(run_dir: Path | str, graphite_url: str | None = None,
                  start: int | None = None, end: int | None = None) -> list[Path]:
     """Write the PNGs and index.html into run_dir; return their paths (HTML last).
 
-    graphite_url None means: the local stack if it is up, else the run's
-    seconds.jsonl. start/end (epoch seconds) default to the run's records.
+    graphite_url None means HONGBAO_GRAPHITE_URL if set (``make smoke`` sets
+    it when the stack is up), else the run's seconds.jsonl; "" means the
+    records only. start/end (epoch seconds) default to the run's records.
     """
     run_dir = Path(run_dir)
     drawn = build_report(run_dir, graphite_url, start, end)
@@ -353,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m monitor.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, help="run directory (output; seconds.jsonl input)")
-    parser.add_argument("--graphite", help="graphite-web URL (default: the local stack if up)")
+    parser.add_argument("--graphite", help="graphite-web URL (default: HONGBAO_GRAPHITE_URL, "
+                        "else the local stack if it is up); '' for the run's records only")
     parser.add_argument("--from", dest="start", help="epoch, ISO 8601 (UTC) or -15min")
     parser.add_argument("--until", dest="end", help="epoch, ISO 8601 (UTC) or -1min; now")
     args = parser.parse_args(argv)
@@ -364,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         end = int(now)
     run_dir = args.run or Path("runs") / time.strftime("report-%Y%m%d-%H%M%S", time.gmtime())
     try:
-        paths = write_report(run_dir, args.graphite, start, end)
+        url = args.graphite if args.graphite is not None else find_graphite(running=True)
+        paths = write_report(run_dir, url or "", start, end)
     except (OSError, ValueError, urllib.error.URLError) as exc:
         print(f"monitor.report: {exc}", file=sys.stderr)
         return 1

@@ -186,3 +186,17 @@ def test_a_per_second_key_declared_cumulative_is_drawn_as_it_is(tmp_path):
     report.write_report(run, graphite_url="")
     summary = json.loads((run / "report.json").read_text())
     assert summary["graphs"]["envelopes"]["series"] == {"generated": 24}
+
+
+def test_write_report_uses_graphite_only_when_told(tmp_path, fake_graphite, monkeypatch):
+    """A run that did not send metrics is not drawn from whatever Graphite holds."""
+    qps_view = next(v for v in views.VIEWS if v.name == "qps")
+    FakeGraphite.points = {qps_view.series[0].target: 100.0}
+    run = tmp_path / "run"
+    write_records(run, seconds=5)
+    monkeypatch.delenv("HONGBAO_GRAPHITE_URL", raising=False)
+    report.write_report(run)
+    assert json.loads((run / "report.json").read_text())["source"].endswith("seconds.jsonl")
+    monkeypatch.setenv("HONGBAO_GRAPHITE_URL", fake_graphite)
+    report.write_report(run)
+    assert json.loads((run / "report.json").read_text())["source"].startswith("Graphite")
