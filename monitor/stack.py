@@ -112,6 +112,7 @@ class Stack:
     ports: Ports = field(default_factory=Ports)
     retentions: str = DEFAULT_RETENTIONS
     pids: dict[str, int] = field(default_factory=dict)
+    ready_after: dict[str, float] = field(default_factory=dict)  # seconds after start
     _procs: dict[str, subprocess.Popen] = field(default_factory=dict, repr=False)
 
     # -- addresses other code needs ------------------------------------------------
@@ -312,7 +313,9 @@ class Stack:
             return False
 
     def wait_ready(self, deadline: float) -> None:
+        """Poll every daemon until it answers; record when (``ready_after``)."""
         pending = list(COMPONENTS)
+        t0 = time.monotonic()
         while pending:
             for name in list(pending):
                 proc = self._procs.get(name)
@@ -322,6 +325,7 @@ class Stack:
                                      + tail(self.root / "log" / f"{name}.out"))
                 if self.probe(name):
                     pending.remove(name)
+                    self.ready_after[name] = round(time.monotonic() - t0, 2)
             if not pending:
                 time.sleep(0.2)  # a daemon that lost a bind race exits right after
                 dead = [n for n, p in self._procs.items() if p.poll() is not None]
@@ -464,7 +468,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "up":
             t0 = time.monotonic()
             stack.up()
-            print(f"up in {time.monotonic() - t0:.1f}s: statsd udp {stack.statsd_address}, "
+            ready = ", ".join(f"{k} {v:.1f}s" for k, v in stack.ready_after.items())
+            print(f"up in {time.monotonic() - t0:.1f}s ({ready}): "
+                  f"statsd udp {stack.statsd_address}, "
                   f"graphite {stack.graphite_url}, data {stack.root}")
             print(f"dashboard: {stack.graphite_url}/dashboard/hongbao  "
                   f"(`python -m monitor.stack urls` for the saved graphs)")
