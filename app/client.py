@@ -84,6 +84,7 @@ class Second:
         self.hist = Histogram()
         self.connections = 0
         self.reported: set[int] = set()
+        self.entry: dict[str, Any] = {}  # its record in the agent's history, once finished
 
     def add(self, record: dict[str, Any]) -> None:
         for key in COUNTERS:
@@ -114,7 +115,8 @@ class Agent:
         self.host = config.host_name or socket.gethostname().split(".")[0]
         self.qps = config.qps
         self.changes: list[tuple[int, int]] = [(0, config.qps)]  # (from tick, host qps)
-        self.seconds: dict[int, Second] = {}
+        self.seconds: dict[int, Second] = {}  # waiting for every worker's record
+        self.finished: dict[int, Second] = {}  # in history; a late record still merges in
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
         self.totals = dict.fromkeys(COUNTERS, 0)
         self.results: dict[str, int] = {}
@@ -212,32 +214,46 @@ class Agent:
             return
         child.last = record
         child.latency = Histogram(record.get("hist")).summary((50, 99))
+        self.account(record)
         t = record["t"]
+        late = self.finished.get(t)
+        if late is not None:  # a worker later than the grace below: fold it in, no duplicate
+            late.add(record)
+            late.entry.update(self.entry(late))
+            return
         self.seconds.setdefault(t, Second(t)).add(record)
         live = {c.index for c in self.children if c.proc is not None and c.proc.poll() is None}
         for s in sorted(self.seconds):
             sec = self.seconds[s]
-            if live <= sec.reported or s <= t - 2:  # complete, or a dead worker's gap
+            if live <= sec.reported or s <= t - 2:  # complete, or a dead/late worker's gap
                 self.finish(self.seconds.pop(s))
 
-    def finish(self, sec: Second) -> None:
-        for key, value in sec.counts.items():
-            self.totals[key] += value
-        for code, n in sec.results.items():
+    def account(self, record: dict[str, Any]) -> None:
+        """Totals and statsd counters take every record as it comes."""
+        for key in COUNTERS:
+            self.totals[key] += record.get(key, 0)
+        for code, n in record.get("results", {}).items():
             self.results[code] = self.results.get(code, 0) + n
-        self.hist.merge(sec.hist)
-        latency = sec.hist.summary((50, 99))
-        self.history.append({"second": sec.t, "target": self.target(sec.t),
-                             "connections": sec.connections, "results": sec.results,
-                             "latency_p50_ms": latency["p50"], "latency_p99_ms": latency["p99"],
-                             "hist": sec.hist.to_json(), **sec.counts})
-        m = self.metrics
+            self.metrics.incr(f"results.{code}", n)
+        self.hist.merge(record.get("hist", {}))
         for key in ("sent", "answered", "reconnects", "logins"):
-            m.incr(key, sec.counts[key])
-        m.incr("claims.sent", sec.counts["claims_sent"])
-        m.incr("claims.granted", sec.counts["claims_granted"])
-        for code, n in sec.results.items():
-            m.incr(f"results.{code}", n)
+            self.metrics.incr(key, record.get(key, 0))
+        self.metrics.incr("claims.sent", record.get("claims_sent", 0))
+        self.metrics.incr("claims.granted", record.get("claims_granted", 0))
+
+    def entry(self, sec: Second) -> dict[str, Any]:
+        """The /stats record of a merged second."""
+        latency = sec.hist.summary((50, 99))
+        return {"second": sec.t, "target": self.target(sec.t), "connections": sec.connections,
+                "results": sec.results, "latency_p50_ms": latency["p50"],
+                "latency_p99_ms": latency["p99"], "hist": sec.hist.to_json(), **sec.counts}
+
+    def finish(self, sec: Second) -> None:
+        sec.entry = self.entry(sec)
+        self.history.append(sec.entry)
+        self.finished[sec.t] = sec
+        self.finished.pop(sec.t - HISTORY, None)
+        m = self.metrics
         for child in self.children:
             m.gauge(f"p{child.index}.connections", child.last.get("connections", 0))
             for p in ("p50", "p99"):
