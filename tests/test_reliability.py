@@ -109,8 +109,7 @@ def test_whole_server_restart_reconnects_at_a_bounded_rate(start_server, start_a
     time.sleep(1.5)
     assert server.terminate() == 0  # graceful: every SET flushes its journal
     down_at = time.time()
-    time.sleep(1.0)
-    again = start_server(sets=2, port=server.port)
+    again = start_server(sets=2, port=server.port)  # at once: the down time is its boot
     up_at = time.time()
     # Accepted connections per 100 ms, polled from the new server's counters.
     samples: list[tuple[float, int, int]] = []
@@ -176,10 +175,10 @@ def test_statsd_down_or_unreachable_does_not_touch_serving(start_server, start_a
                 time.sleep(1)
                 receiver.close()  # the daemon dies: sends now meet ICMP port unreachable
             faults += 2
-            time.sleep(4)
+            time.sleep(2.5)
             stats = agent_money(agent, server)
             totals = stats["totals"]
-            assert totals["sent"] >= 4 * 200 and totals["sent"] == totals["answered"]
+            assert totals["sent"] >= 2 * 200 and totals["sent"] == totals["answered"]
             assert totals["lost"] == 0 and totals["reconnects"] == 0
             health = server.get("/health")
             assert health["status"] == "ok" and health["restarts"] == 0
