@@ -9,10 +9,12 @@ How to run::
     python -m monitor.stack env       # HONGBAO_STATSD=... for a process to use it
     python -m monitor.stack down      # stop them (by pid, process group)
 
-Everything binds to 127.0.0.1 and lives under one directory (default
-``var/monitor``; ``--root`` or ``HONGBAO_MONITOR_DIR``): rendered configs in
-``conf/``, whisper files in ``storage/``, logs in ``log/``, pids and the
-ports in ``stack.json``. The Python side (carbon, whisper, graphite-web,
+Everything binds to 127.0.0.1 (statsd elsewhere only when told,
+``--statsd-bind``, for a fleet's monitor host) and lives under one
+directory (default ``var/monitor``; ``--root`` or ``HONGBAO_MONITOR_DIR``):
+rendered configs in ``conf/``, whisper files in ``storage/``, logs in
+``log/``, pids and ports in ``stack.json``, the venv in ``venv/`` (unless
+``--venv``). The Python side (carbon, whisper, graphite-web,
 gunicorn) has its own venv because graphite-web pins Django < 3.1; the
 statsd daemon comes from the npm registry into ``monitor/node_modules``.
 
@@ -25,6 +27,7 @@ names this stack's conf directory (pids get reused); see monitor.procs.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import secrets
@@ -111,6 +114,10 @@ class Stack:
     venv: Path = DEFAULT_VENV
     ports: Ports = field(default_factory=Ports)
     retentions: str = DEFAULT_RETENTIONS
+    #: Where statsd listens. Loopback unless the operator decides otherwise: a
+    #: fleet's monitor host takes the clients' UDP (carbon and graphite-web
+    #: stay on 127.0.0.1 whatever this says; reach the web by an SSH tunnel).
+    statsd_bind: str = "127.0.0.1"
     pids: dict[str, int] = field(default_factory=dict)
     ready_after: dict[str, float] = field(default_factory=dict)  # seconds after start
     _procs: dict[str, subprocess.Popen] = field(default_factory=dict, repr=False)
@@ -119,8 +126,9 @@ class Stack:
 
     @property
     def statsd_address(self) -> str:
-        """What ``app.metrics.Metrics(prefix, address)`` takes."""
-        return f"127.0.0.1:{self.ports.statsd_port}"
+        """What ``app.metrics.Metrics(prefix, address)`` takes on this host."""
+        host = "127.0.0.1" if self.statsd_bind in ("0.0.0.0", "127.0.0.1") else self.statsd_bind
+        return f"{host}:{self.ports.statsd_port}"
 
     @property
     def graphite_url(self) -> str:
@@ -182,6 +190,10 @@ class Stack:
 
     def write_configs(self) -> None:
         """Render monitor/conf/* into root/conf with this stack's paths and ports."""
+        try:
+            ipaddress.ip_address(self.statsd_bind)
+        except ValueError as exc:
+            raise StackError(f"statsd bind address: {exc}") from None
         conf = self.root / "conf"
         for sub in ("conf", "storage/whisper", "storage/lists", "log/webapp", "run"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
@@ -193,6 +205,7 @@ class Stack:
             "venv": str(self.venv),
             "monitor": str(MONITOR_DIR),
             "retentions": self.retentions,
+            "statsd_bind": self.statsd_bind,
             "secret_key": secret.read_text().strip(),
             **{k: str(v) for k, v in asdict(self.ports).items()},
         }
@@ -380,7 +393,8 @@ class Stack:
 
     def save_state(self) -> None:
         state = {"root": str(self.root), "venv": str(self.venv), "ports": asdict(self.ports),
-                 "retentions": self.retentions, "pids": self.pids,
+                 "retentions": self.retentions, "statsd_bind": self.statsd_bind,
+                 "pids": self.pids,
                  "statsd": self.statsd_address, "graphite": self.graphite_url}
         self.state_file.write_text(json.dumps(state, indent=1))
 
@@ -392,6 +406,7 @@ class Stack:
             return None
         return Stack(root=Path(state["root"]), venv=Path(state["venv"]),
                      ports=Ports(**state["ports"]), retentions=state["retentions"],
+                     statsd_bind=state.get("statsd_bind", "127.0.0.1"),
                      pids={k: int(v) for k, v in state["pids"].items()})
 
     def status(self) -> dict[str, dict[str, object]]:
@@ -447,8 +462,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["install", "up", "down", "status", "urls", "env"])
     parser.add_argument("--root", type=Path,
                         default=Path(os.environ.get("HONGBAO_MONITOR_DIR") or DEFAULT_ROOT))
-    parser.add_argument("--venv", type=Path,
-                        default=Path(os.environ.get("HONGBAO_MONITOR_VENV") or DEFAULT_VENV))
+    parser.add_argument("--venv", type=Path, default=os.environ.get("HONGBAO_MONITOR_VENV"),
+                        help="the stack's Python venv (default: ROOT/venv)")
+    parser.add_argument("--statsd-bind", default=os.environ.get(
+        "HONGBAO_MONITOR_STATSD_BIND", "127.0.0.1"),
+        help="address statsd listens on (default 127.0.0.1; carbon and web stay there)")
     parser.add_argument("--retentions", default=os.environ.get(
         "HONGBAO_MONITOR_RETENTIONS", DEFAULT_RETENTIONS))
     env_ports = Ports.from_env()
@@ -457,8 +475,9 @@ def main(argv: list[str] | None = None) -> int:
                             default=getattr(env_ports, f.name))
     args = parser.parse_args(argv)
     ports = Ports(**{f.name: getattr(args, f.name) for f in fields(Ports)})
-    stack = Stack(root=args.root.resolve(), venv=args.venv.resolve(), ports=ports,
-                  retentions=args.retentions)
+    root = args.root.resolve()
+    stack = Stack(root=root, venv=Path(args.venv or root / "venv").resolve(), ports=ports,
+                  retentions=args.retentions, statsd_bind=args.statsd_bind)
     recorded = stack.load_state()
     try:
         if args.command == "install":

@@ -223,7 +223,7 @@ def test_cli_up_status_env_down(tmp_path, stack):
     """The commands a user types, on their own root and free ports."""
     root = tmp_path / "cli"
     ports = Ports.free()
-    flags = ["--root", str(root)] + [
+    flags = ["--root", str(root), "--venv", str(stack.venv)] + [
         arg for name, value in vars(ports).items()
         for arg in ("--" + name.replace("_", "-"), str(value))]
 

@@ -112,3 +112,18 @@ def test_bench_packs_lines_into_statsd_sized_datagrams():
     packed = bench.datagrams(lines)
     assert all(len(d) <= bench.DATAGRAM for d in packed)
     assert b"\n".join(packed).decode().split("\n") == lines
+
+
+def test_statsd_bind_is_loopback_unless_told_and_must_be_an_address(tmp_path):
+    st = Stack(root=tmp_path, ports=Ports.free())
+    st.write_configs()
+    assert 'address: "127.0.0.1"' in (tmp_path / "conf" / "statsd.js").read_text()
+    wide = Stack(root=tmp_path, ports=st.ports, statsd_bind="0.0.0.0")
+    wide.write_configs()
+    statsd = (tmp_path / "conf" / "statsd.js").read_text()
+    assert 'address: "0.0.0.0"' in statsd and 'mgmt_address: "127.0.0.1"' in statsd
+    assert wide.statsd_address == f"127.0.0.1:{st.ports.statsd_port}"
+    carbon = (tmp_path / "conf" / "carbon.conf").read_text()
+    assert "0.0.0.0" not in carbon
+    with pytest.raises(StackError):
+        Stack(root=tmp_path, statsd_bind='1.2.3.4", x: "').write_configs()
