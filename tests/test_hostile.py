@@ -15,12 +15,17 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 
+import psutil
+
+from app import protocol as p
 from tests import reliability
 from tests.reliability import ROOT, Row, ledger_diff, record
+from tests.serverproc import Client
 from tests.test_server import wait_for
 
 reliability_table = reliability.reliability_table  # module fixture: prints the table
@@ -87,3 +92,39 @@ def test_fuzz_beside_a_steady_agent(start_server, start_agent, tmp_path):
                         "agent_requests": totals["sent"],
                         "agent_p99_ms_before": baseline, "agent_p99_ms_during": during,
                         "fuzz_seconds": result["seconds"]}))
+
+
+def test_a_peer_that_never_reads_is_cut_off_and_costs_nothing(start_server):
+    """A flood of SHAKEs from a peer that reads no answer: closed as slow_reader, RSS bounded."""
+    server = start_server(sets=1)
+    pid = server.set_pids()[0]
+    rss_before = psutil.Process(pid).memory_info().rss
+    good = Client(server.port)
+    bad = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        assert good.login(2).result == 0
+        bad.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: small window
+        bad.connect(("127.0.0.1", server.port))
+        bad.sendall(p.encode(p.Login(1)))
+        chunk = p.encode(p.Shake(0)) * 4096  # 64 KB of SHAKEs a write
+        sent = 0
+        bad.settimeout(10)
+        started = time.time()
+        try:
+            while sent < 400 * 2**20 and time.time() - started < 30:
+                bad.sendall(chunk)
+                sent += len(chunk)
+        except OSError:
+            pass  # reset by the server: it cut us off
+        wait_for(lambda: server.stats()["counters"].get("close.slow_reader", 0) == 1)
+        assert good.shake().result == p.ShakeCode.NONE_LEFT  # the SET kept serving
+        rss_after = psutil.Process(pid).memory_info().rss
+    finally:
+        bad.close()
+        good.close()
+    assert rss_after - rss_before < 20 * 2**20, (rss_before, rss_after)
+    assert server.get("/health")["restarts"] == 0
+    record(Row("hostile: peer floods SHAKEs and never reads", bad_inputs=sent // 16,
+               survived="1/1 good; slow reader cut", lost=0,
+               figures={"flood_mb": round(sent / 2**20, 1),
+                        "set_rss_mb": [round(rss_before / 2**20, 1), round(rss_after / 2**20, 1)]}))
