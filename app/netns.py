@@ -21,6 +21,7 @@ SCALE_SYSCTLS = {
     "net.core.somaxconn": "65535",  # accept queue per listener (SO_REUSEPORT: per SET)
     "net.ipv4.tcp_max_syn_backlog": "65535",
     "net.ipv4.tcp_tw_reuse": "1",
+    "net.unix.max_dgram_qlen": "1024",  # SET inboxes: sockets handed over, queued
 }
 
 

@@ -61,6 +61,7 @@ GEN_TICKS = 10  # envelope generation ticks per second
 SECONDS_KEPT = 300  # per-second history for /stats
 TIMESTAMP_SLACK = 60  # a frame timestamp further than this from our clock counts by arrival
 ACCEPT_PAUSE = 0.5  # seconds the listener rests after running out of descriptors
+MAX_HANDOFF_QUEUE = 20_000  # sockets waiting per owner before we give up on them
 
 HANDOFF = struct.Struct(">I")  # userid; then the bytes received after the LOGIN frame
 
@@ -133,6 +134,8 @@ class SetWorker:
         self.inbox = socket.socket(fileno=self.inbox_fd)
         self.inbox.setblocking(False)
         self.outboxes = [socket.socket(fileno=fd) for fd in self.outbox_fds]
+        self.handoff_queues: list[deque[tuple[int, bytes]]] = [deque() for _ in self.outboxes]
+        self.outbox_owner: dict[int, int] = {}
         for box in self.outboxes:
             box.setblocking(False)
         self.reactor = Reactor(self._dispatch, self._flush_writes)
@@ -175,7 +178,7 @@ class SetWorker:
         # not wait for Nagle + delayed ACK (40 ms).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((self.config["host"], self.port))
-        sock.listen(4096)
+        sock.listen(65535)  # capped by net.core.somaxconn
         sock.setblocking(False)
         return sock
 
@@ -230,6 +233,8 @@ class SetWorker:
                     self._receive_handoffs()
                 elif fd == self.listener.fileno():
                     self._accept(now)
+                elif fd in self.outbox_owner:
+                    self._drain_handoffs(self.outbox_owner[fd])
                 continue
             if mask & READ_WRITE == WRITE:
                 self._unblock(conn)
@@ -369,15 +374,62 @@ class SetWorker:
             self._on_frames(conn, rest, second)
 
     def _hand_off(self, conn: Conn, owner: int, userid: int, rest: bytes) -> None:
+        """Pass the socket to its owner; queue it while the owner's inbox is full.
+
+        An inbox holds only ``net.unix.max_dgram_qlen`` datagrams (10 by
+        default): under a connect storm it fills within a batch, so a full
+        inbox means "wait for EPOLLOUT on it", not "drop the user".
+        """
         self.conns.pop(conn.fd, None)
         self.reactor.unregister(conn.fd)
+        queue = self.handoff_queues[owner]
+        if queue:
+            self._queue_handoff(owner, conn.fd, HANDOFF.pack(userid) + rest)
+        else:
+            self._send_handoff(owner, conn.fd, HANDOFF.pack(userid) + rest)
+
+    def _send_handoff(self, owner: int, fd: int, payload: bytes) -> bool:
+        """One hand-off; True when done (sent, or failed for good), False when the inbox is full."""
         try:
-            socket.send_fds(self.outboxes[owner], [HANDOFF.pack(userid) + rest], [conn.fd])
+            socket.send_fds(self.outboxes[owner], [payload], [fd])
             self._count("handoff.sent")
-        except OSError as exc:  # owner's inbox full or gone: the client reconnects
+        except BlockingIOError:
+            self._queue_handoff(owner, fd, payload)
+            return False
+        except OSError as exc:  # owner gone for good: the client reconnects
             self._count("handoff.failed")
-            log.debug("hand-off of %d to SET %d failed: %s", userid, owner, exc)
-        close_fd(conn.fd)
+            log.debug("hand-off to SET %d failed: %s", owner, exc)
+        close_fd(fd)
+        return True
+
+    def _queue_handoff(self, owner: int, fd: int, payload: bytes) -> None:
+        queue = self.handoff_queues[owner]
+        if len(queue) >= MAX_HANDOFF_QUEUE:
+            self._count("handoff.failed")
+            close_fd(fd)
+            return
+        if not queue:
+            self.reactor.register(self.outbox_fds[owner], WRITE)
+            self.outbox_owner[self.outbox_fds[owner]] = owner
+        queue.append((fd, payload))
+        self._count("handoff.queued")
+
+    def _drain_handoffs(self, owner: int) -> None:
+        """The owner's inbox has room again: send what waited, in order."""
+        queue = self.handoff_queues[owner]
+        while queue:
+            fd, payload = queue.popleft()
+            try:
+                socket.send_fds(self.outboxes[owner], [payload], [fd])
+                self._count("handoff.sent")
+            except BlockingIOError:
+                queue.appendleft((fd, payload))
+                return
+            except OSError:
+                self._count("handoff.failed")
+            close_fd(fd)
+        self.reactor.unregister(self.outbox_fds[owner])
+        self.outbox_owner.pop(self.outbox_fds[owner], None)
 
     def _receive_handoffs(self) -> None:
         second = int(time.time())
