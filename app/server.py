@@ -13,15 +13,17 @@ scripts and tests read to learn the ports chosen for ``--port 0``.
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 import time
 from typing import Any
 
 import gevent
 
-from app import settings
+from app import settings, sysmetrics
 from app.httpapi import Api, HttpError, Request, now, serve
 from app.ledger import sum_ledgers
+from app.metrics import Metrics
 from app.supervisor import Supervisor, share
 
 log = logging.getLogger("hongbao.server")
@@ -162,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         log.error("cannot bind %s:%s: %s", config.host, config.port, exc)
         return 2
+    # The server host's packets per second per interface (the classic used ethtool).
+    net = Metrics(f"hongbao.net.{sysmetrics.sanitize(socket.gethostname())}",
+                  config.statsd or None)
+    if net.enabled:
+        sysmetrics.start(net, gc=False, loop=False, net=True)
+        net.start()
     try:
         http = serve(build_api(sup), config.control)
     except OSError as exc:

@@ -533,6 +533,7 @@ class SetWorker:
         if amount:
             self._count("claims.granted")
             self.metrics.incr("claims.granted")
+            self.metrics.incr("envelopes.granted")  # a share, as generated counts them
             self.metrics.incr("amount.granted", amount)
         else:
             self._count("claims.refused")
@@ -621,10 +622,13 @@ class SetWorker:
                 _, conn = pending.popleft()
                 if not conn.userid and self.conns.get(conn.fd) is conn:
                     self._close(conn, "login_timeout")
+            counters = self.ledger.c
+            shares, amount = counters["expired_count"], counters["expired_amount"]
             expired = self.ledger.expire_due(now)
-            if expired:
+            if expired:  # in shares, like envelopes.generated counts a group as 3
                 self._count("group.expired", len(expired))
-                self.metrics.incr("envelopes.expired", len(expired))
+                self.metrics.incr("envelopes.expired", counters["expired_count"] - shares)
+                self.metrics.incr("amount.expired", counters["expired_amount"] - amount)
             self._flush_writes()
             self.journal.sync()
             horizon = int(now) - SECONDS_KEPT

@@ -60,10 +60,9 @@ VIEWS: tuple[View, ...] = (
     View("envelopes", "Envelopes generated vs granted vs claimed", "envelopes per second", (
         Series("generated", f"{C}.server.envelopes.generated.count", "envelopes_generated",
                cumulative=True),
-        # The ledger's "granted" counts shake grants and group claims alike; the
-        # server's counters split them (envelopes.granted: shakes only).
-        Series("granted", f"sumSeries({C}.server.envelopes.granted.count,"
-               f"{C}.server.claims.granted.count)", "envelopes_granted", cumulative=True),
+        # Like the ledger, envelopes.granted counts shake grants and claimed shares.
+        Series("granted", f"{C}.server.envelopes.granted.count", "envelopes_granted",
+               cumulative=True),
         Series("group claimed", f"{C}.server.claims.granted.count", "group_claimed",
                cumulative=True),
         Series("expired", f"{C}.server.envelopes.expired.count"),
