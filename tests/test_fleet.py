@@ -19,6 +19,8 @@ failure.  Run alone with::
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -58,6 +60,26 @@ def _missing() -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _slot():
+    """An exclusive slot number: names and subnets derived from it are this run's
+    alone (several test runs on one machine must never tear down each other's
+    hosts: ``up`` first removes whatever carries its name)."""
+    for slot in range(10):
+        lock = open(f"/run/lock/hongbao-fleet-test-{slot}.lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        try:
+            yield slot
+        finally:
+            lock.close()
+        return
+    pytest.skip("10 fleet test runs already in progress on this machine")
+
+
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     reason = _missing()
@@ -65,6 +87,11 @@ def fleet(tmp_path_factory):
         if os.environ.get("HONGBAO_FLEET_REQUIRED") == "1":
             pytest.fail(f"fleet tests required but cannot run: {reason}")
         pytest.skip(reason)
+    with _slot() as slot:
+        yield from _fleet(tmp_path_factory, f"hbt{slot}", f"10.213.{20 + slot}.0/24")
+
+
+def _fleet(tmp_path_factory, name: str, subnet: str):
     state = tmp_path_factory.mktemp("fleet")
     inventory = state / "inventory"
     inventory.mkdir()
@@ -73,12 +100,12 @@ def fleet(tmp_path_factory):
     # must not make the second deploy "change" something.
     source = state / "src"
     source.mkdir()
-    for name in ("requirements.txt", "pyproject.toml"):
-        shutil.copy2(REPO_ROOT / name, source / name)
+    for top in ("requirements.txt", "pyproject.toml"):
+        shutil.copy2(REPO_ROOT / top, source / top)
     for package in ("app", "monitor"):
         shutil.copytree(REPO_ROOT / package, source / package,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "node_modules"))
-    test_fleet = Fleet(name="hbt", subnet="10.213.9.0/24", state_dir=state,
+    test_fleet = Fleet(name=name, subnet=subnet, state_dir=state,
                        inventory=inventory / "hosts.yml")
     try:
         started = time.monotonic()
@@ -113,7 +140,7 @@ def _leftovers(f: Fleet) -> list[str]:
 def play(f: Fleet, playbook: str, *args: str, name: str | None = None) -> dict:
     """Run a playbook against the test fleet; fail with its output's tail if it fails."""
     extra = ["-e", f"app_source_dir={f.source}",
-             "-e", f"app_bundle_dir={REPO_ROOT / 'var' / 'fleet' / 'bundle'}", *args]
+             "-e", f"app_bundle_dir={f.state_dir / 'bundle'}", *args]
     started = time.monotonic()
     result = run_playbook(playbook, extra, state_dir=f.state_dir, inventory=f.inventory,
                           capture=True)
@@ -140,11 +167,11 @@ def test_check_diff_on_new_hosts(fleet):
 
 def test_deploy_then_second_deploy_changes_nothing(fleet):
     first = play(fleet, "deploy.yml", name="deploy-1")
-    assert set(first["recap"]) == {"hbt-h1", "hbt-h2", "hbt-h3"}
+    assert set(first["recap"]) == {h.name for h in fleet.hosts}
     assert sum(r["changed"] for r in first["recap"].values()) > 0
     second = play(fleet, "deploy.yml", name="deploy-2")
     changed = {host: r["changed"] for host, r in second["recap"].items()}
-    assert changed == {"hbt-h1": 0, "hbt-h2": 0, "hbt-h3": 0}, second["output"][-4000:]
+    assert changed == {h.name: 0 for h in fleet.hosts}, second["output"][-4000:]
 
 
 def test_check_diff_after_deploy_changes_nothing(fleet):
@@ -180,13 +207,21 @@ def test_start_ramp_status_stop(fleet):
         for rate in ramp["rates"]:
             assert abs(rate - qps) <= qps * TOLERANCE, f"server saw {ramp['rates']} for {qps}"
 
+    server, clients = fleet.hosts[0].name, [h.name for h in fleet.hosts[1:]]
     status = _status(fleet)
     fleet.figures["status"]["established"] = {h: r["established"] for h, r in status.items()}
-    assert int(status["hbt-h1"]["established"]) == expected
-    assert int(status["hbt-h1"]["connections"]) == expected
-    for client in ("hbt-h2", "hbt-h3"):
+    assert int(status[server]["established"]) == expected
+    assert int(status[server]["connections"]) == expected
+    for client in clients:
         assert int(status[client]["established"]) == CONNECTIONS_PER_CLIENT
         assert status[client]["service_up"]
+
+    collected = fleet.state_dir / "collect"
+    play(fleet, "collect.yml", "-e", f"collect_dir={collected}", name="collect")
+    server_stats = json.loads((collected / server / "stats.json").read_text())
+    assert server_stats["connections"] == expected and server_stats["ledger"]["balanced"]
+    assert (collected / server / "hongbao-server.log").stat().st_size > 0
+    assert (collected / clients[0] / "hongbao-client.log").stat().st_size > 0
 
     # start.yml again: everything already runs, nothing changes.
     again = play(fleet, "start.yml", name="start-again")
@@ -219,13 +254,18 @@ def test_down_cleans_up_after_a_lost_state_file(tmp_path):
     reason = _missing()
     if reason:
         pytest.skip(reason)
-    crashed = Fleet(name="hbx", subnet="10.213.8.0/24", state_dir=tmp_path / "state",
+    with _slot() as slot:
+        _crash_and_clean(tmp_path, f"hbx{slot}", f"10.213.{40 + slot}.0/24")
+
+
+def _crash_and_clean(tmp_path, name: str, subnet: str) -> None:
+    crashed = Fleet(name=name, subnet=subnet, state_dir=tmp_path / "state",
                     inventory=tmp_path / "inv" / "hosts.yml")
     try:
         crashed.up(2)
         pids = [h.pid for h in crashed.hosts]
         crashed.state_file.unlink()
-        Fleet(name="hbx", subnet="10.213.8.0/24", state_dir=tmp_path / "state",
+        Fleet(name=name, subnet=subnet, state_dir=tmp_path / "state",
               inventory=tmp_path / "inv" / "hosts.yml").down()
         assert _leftovers(crashed) == []
         for pid in pids:
