@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 FLEET_STAMP := $(VENV)/.fleet-installed
 
-.PHONY: smoke test lint bench bench-server bench-scale venv clean
+.PHONY: smoke test lint bench bench-server bench-client bench-scale venv clean
 .PHONY: monitor-install monitor-up monitor-down monitor-status report
 
 venv: $(STAMP)
@@ -32,6 +32,10 @@ lint: $(STAMP)
 
 bench-server: $(STAMP)
 	$(PY) -m app.bench server $(ARGS)
+
+## Client agent costs: CPU µs per request, idle CPU, RSS per connection, restart convergence.
+bench-client: $(STAMP)
+	$(PY) -m app.client_bench $(ARGS)
 
 bench-scale: $(STAMP)
 	$(PY) -m app.bench scale $(ARGS)

@@ -135,6 +135,7 @@ class Worker:
         self.lost = 0  # SHAKEs unanswered when their connection died
         self.errors = 0
         self.lag = 0.0  # worst lateness of a tick behind its wall-clock time (loop lag)
+        self.ticks_skipped = 0  # ticks more than MAX_CATCH_UP late, not sent (starved CPU)
 
     def report(self, second: int) -> None:
         """Write second ``second``'s record to the parent and start the next."""
@@ -146,7 +147,7 @@ class Worker:
             "claims_granted": self.claims_granted, "claim_amount": self.claim_amount,
             "shake_amount": self.shake_amount, "logins": self.logins,
             "reconnects": self.reconnects, "connect_failures": self.connect_failures,
-            "connects": self.connects,
+            "connects": self.connects, "ticks_skipped": self.ticks_skipped,
             "lost": self.lost, "errors": self.errors, "connections": self.ready,
             "qps": self.qps, "lag_ms": round(self.lag * 1000, 3),
         }
@@ -394,6 +395,7 @@ class Worker:
             if current - self.last_tick > MAX_CATCH_UP * ticks:
                 log.warning("process %d: %d ticks late, skipping them",
                             self.index, current - self.last_tick)
+                self.ticks_skipped += current - 1 - self.last_tick
                 self.last_tick = current - 1
             for tick in range(self.last_tick + 1, current + 1):
                 self.last_tick = tick

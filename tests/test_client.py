@@ -173,3 +173,16 @@ def test_a_killed_worker_is_restarted_and_its_users_come_back(start_server, agen
     assert procs[1]["restarts"] == 1, procs
     agent.wait_connected(2000)
     assert agent.get("/stats")["processes"][0]["restarts"] == 0
+
+
+def test_the_client_bench_measures_and_cleans_up():
+    import json
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "app.client_bench", "--users", "300",
+                           "--qps", "300", "--seconds", "2", "--sets", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    (loaded,) = result["loaded"]
+    assert loaded["sent_per_second"] == 300 and loaded["us_per_request"] > 0
