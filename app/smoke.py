@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -67,13 +68,18 @@ class Service:
                                          stderr=log_file, start_new_session=True, text=True)
         deadline = time.time() + timeout
         while time.time() < deadline:
+            # wait for a line with a timeout: a process that hangs silently must not hang us
+            readable, _, _ = select.select([self.proc.stdout], [], [], deadline - time.time())
+            if not readable:
+                break
             line = self.proc.stdout.readline()
             if not line:
                 break
             self.match = self.ready.search(line)
             if self.match:
                 return self.match
-        raise RuntimeError(f"{self.name} did not start; see {self.log_path}")
+        raise RuntimeError(f"{self.name} did not start within {timeout:.0f}s; "
+                           f"see {self.log_path}")
 
     def stop(self) -> None:
         """SIGTERM by PID, a bounded wait, then SIGKILL of its process group."""
