@@ -16,6 +16,7 @@ Run on its own to (re)build the cache::
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -46,7 +47,7 @@ DEFAULT_CACHE = Path(os.environ.get("HONGBAO_FLEET_CACHE", "/var/cache/hongbao-f
 
 
 def cache_key() -> str:
-    text = "|".join([SUITE, *BASE_PACKAGES, "--", *REPO_PACKAGES, "v3"])
+    text = "|".join([SUITE, *BASE_PACKAGES, "--", *REPO_PACKAGES, "v4"])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -109,20 +110,35 @@ def write_packages_index(repo: Path) -> None:
 
 
 def build(cache: Path = DEFAULT_CACHE, rebuild: bool = False) -> Path:
-    """Return the cached root filesystem, building it (and the repo) if missing."""
+    """Return the cached root filesystem, building it (and the repo) if missing.
+
+    Concurrent callers (two test runs) wait for one build instead of racing.
+    """
     target, repo = rootfs_dir(cache), repo_dir(cache)
     if target.exists() and (repo / "Packages").exists() and not rebuild:
         return target
     cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists() and (repo / "Packages").exists() and not rebuild:
+            return target
+        return _build(cache, target, repo)
+
+
+def _build(cache: Path, target: Path, repo: Path) -> Path:
     for stale in (target, repo, cache / "build", cache / "repo-build"):
         shutil.rmtree(stale, ignore_errors=True)
     work, repo_work = cache / "build", cache / "repo-build"
+    (cache / "debs").mkdir(exist_ok=True)
     started = time.monotonic()
     mirror = machine_mirror()
     _run(
         [
             "debootstrap",
             "--variant=minbase",
+            # Keep the downloaded .debs: a rebuild (new package list) fetches only
+            # what changed; the mirror was measured at 1 s to 13 s per package.
+            f"--cache-dir={cache / 'debs'}",
             "--include=" + ",".join(BASE_PACKAGES),
             SUITE,
             str(work),
