@@ -50,8 +50,8 @@ from gevent import socket
 from app import protocol as p
 
 HEAD = struct.Struct(">HH")
-CLOSE_WAIT = 5.0  # seconds the server has to close a connection it must close
-ANSWER_WAIT = 5.0  # seconds the server has to answer every valid frame of a served case
+CLOSE_WAIT = 10.0  # seconds the server has to close a connection it must close (generous: CI)
+ANSWER_WAIT = 10.0  # seconds the server has to answer every valid frame of a served case
 SPLIT_PAUSE = 0.002  # seconds between the one-byte writes of a split case
 MAX_PAYLOAD = 3000  # bytes after LOGIN in one write: one server read, so one verdict
 COUNTERS = ("accepted", "logins", "protocol_errors", "close.protocol_error",
@@ -370,7 +370,7 @@ def get_counters(control: str) -> dict[str, int]:
 
 
 def settle(control: str, before: dict[str, int], expected: Counter[str],
-           timeout: float = 5.0) -> dict[str, int]:
+           timeout: float = 10.0) -> dict[str, int]:
     """Counter deltas once the server has seen every close (or ``timeout`` passed)."""
     deadline = time.time() + timeout
     while True:

@@ -56,7 +56,7 @@ def test_fuzz_beside_a_steady_agent(start_server, start_agent, tmp_path):
     fuzz = subprocess.run(
         [sys.executable, "-m", "app.fuzz", "--port", str(server.port),
          "--control", f"127.0.0.1:{server.control_port}", "--seconds", str(FUZZ_SECONDS),
-         "--connections", str(FUZZ_CONNECTIONS), "--login-wait", "4", "--seed", str(SEED),
+         "--connections", str(FUZZ_CONNECTIONS), "--login-wait", "8", "--seed", str(SEED),
          "--json", str(report_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     fuzz_end = int(time.time())
