@@ -64,6 +64,9 @@ ACCEPT_PAUSE = 0.5  # seconds the listener rests after running out of descriptor
 MAX_HANDOFF_QUEUE = 20_000  # sockets waiting per owner before we give up on them
 
 HANDOFF = struct.Struct(">I")  # userid; then the bytes received after the LOGIN frame
+# A hand-off carries at most one read after the LOGIN (a partial LOGIN held back
+# plus READ_SIZE): the inbox must take datagrams that big, or the tail is cut off.
+HANDOFF_MAX = HANDOFF.size + READ_SIZE + p.FRAME_SIZES[p.Command.LOGIN]
 
 _LOGIN_SIZE = p.FRAME_SIZES[p.Command.LOGIN]
 _LOGIN_RESULT = p.LAYOUTS[p.Command.LOGIN_RESULT]
@@ -435,10 +438,10 @@ class SetWorker:
         second = int(time.time())
         for _ in range(MAX_ACCEPT):
             try:
-                msg, fds, _flags, _addr = socket.recv_fds(self.inbox, 1024, 4)
+                msg, fds, flags, _addr = socket.recv_fds(self.inbox, HANDOFF_MAX, 4)
             except BlockingIOError:
                 return
-            if len(fds) != 1 or len(msg) < HANDOFF.size:
+            if len(fds) != 1 or len(msg) < HANDOFF.size or flags & socket.MSG_TRUNC:
                 for fd in fds:
                     close_fd(fd)
                 self._count("handoff.bad")
