@@ -140,6 +140,12 @@ def ledger_check(ledger: dict[str, Any]) -> dict[str, Any]:
 def summarise(config: Any, phases: list[Phase], seconds: list[dict[str, Any]],
               raw: dict[str, Any], login_seconds: float, elapsed: float) -> dict[str, Any]:
     rows = [phase_summary(p, seconds) for p in phases]
+    idle = next((r["cpu_percent"] for r in rows if not r["target"] and r["cpu_percent"]), None)
+    for r in rows:  # per request above the idle cost of holding the connections
+        r["cpu_us_per_request_marginal"] = None
+        if r["target"] and idle is not None and r["cpu_percent"] is not None and r["client_qps"]:
+            r["cpu_us_per_request_marginal"] = round(
+                (r["cpu_percent"] - idle) / 100 / r["client_qps"] * 1e6, 1)
     ledger = ledger_check(raw["server"].get("ledger", {}))
     accuracy_ok = all(r["client_within"] is not None and r["client_within"] >= REQUIRED
                       and r["server_within"] >= REQUIRED for r in rows if r["target"])
@@ -170,14 +176,15 @@ def write_table(summary: dict[str, Any], run_dir: Path, graphs: list[Path]) -> s
              f"{s['sets']} SETs, peak {s['peak_qps']} QPS, pacing {s['pacing']}, "
              f"logged in in {s['login_seconds']}s, run {s['elapsed_seconds']}s", ""]
     head = ("phase", "target", "client/s", "server/s", "client±2%", "server±2%", "p50 ms",
-            "p99 ms", "generated", "granted", "claimed", "CPU µs/req")
-    lines.append("{:<6}{:>8}{:>10}{:>10}{:>11}{:>11}{:>8}{:>8}{:>10}{:>9}{:>9}{:>12}".format(*head))
+            "p99 ms", "generated", "granted", "claimed", "CPU µs/req", "above idle")
+    row = "{:<6}{:>8}{:>10}{:>10}{:>11}{:>11}{:>8}{:>8}{:>10}{:>9}{:>9}{:>12}{:>11}"
+    lines.append(row.format(*head))
     for r in s["phases"]:
-        lines.append("{:<6}{:>8}{:>10}{:>10}{:>11}{:>11}{:>8}{:>8}{:>10}{:>9}{:>9}{:>12}".format(
+        lines.append(row.format(
             r["phase"], r["target"], _num(r["client_qps"]), _num(r["server_qps"]),
             _pct(r["client_within"]), _pct(r["server_within"]), _num(r["latency_p50_ms"]),
             _num(r["latency_p99_ms"]), r["generated"], r["granted"], r["claimed"],
-            _num(r["cpu_us_per_request"])))
+            _num(r["cpu_us_per_request"]), _num(r.get("cpu_us_per_request_marginal"))))
     led = s["ledger"]
 
     def part(name: str) -> str:
