@@ -351,6 +351,8 @@ class ScaleRun:
             "gc_pause_max_ms": server.get("gc_pause_max_ms"),
             "errors": errors,
             "sets": server.get("sets"),
+            # SETs that answered the final /stats: fewer means the figures miss some
+            "sets_up": server.get("sets_up"),
         }
 
     def phase_cpu(self, phase: Phase, seconds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -396,6 +398,7 @@ def print_table(result: dict[str, Any]) -> str:
     lines.append(fmt.format(*head))
     for r in f.get("phases", []):
         within = r.get("server_within")
+        r = {k: "-" if v is None else v for k, v in r.items()}
         lines.append(fmt.format(
             r["phase"], r["target"], r["server_qps"],
             "-" if within is None else f"{100 * within:.0f}%",
@@ -411,6 +414,9 @@ def print_table(result: dict[str, Any]) -> str:
                   f"{ledger.get('waiting')} expired {ledger.get('expired')}",
               f"group envelopes: {f.get('group')}",
               f"errors by kind: {f.get('errors') or 'none'}",
+              *([f"WARNING: only {f.get('sets_up')} of {f.get('sets')} SETs answered the final "
+                 "/stats (saturated?): server figures are partial"]
+                if f.get("sets_up") is not None and f.get("sets_up") != f.get("sets") else []),
               f"run dir: {f['run_dir']}"]
     return "\n".join(lines)
 
