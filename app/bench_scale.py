@@ -398,7 +398,8 @@ def print_table(result: dict[str, Any]) -> str:
     lines.append(fmt.format(*head))
     for r in f.get("phases", []):
         within = r.get("server_within")
-        r = {k: "-" if v is None else v for k, v in r.items()}
+        r = {k: "-" if v is None else round(v, 1) if isinstance(v, float) else v
+             for k, v in r.items()}
         lines.append(fmt.format(
             r["phase"], r["target"], r["server_qps"],
             "-" if within is None else f"{100 * within:.0f}%",
