@@ -22,7 +22,9 @@ commands, frames before LOGIN (one, or a flood of thousands), random bytes,
 bad frames split at every byte, LOGIN of user 0, logins that never finish
 (nothing sent, or part of a LOGIN), the same after a good LOGIN (wrong
 length, unknown command, oversize, direction, a second LOGIN), valid
-frames split at every byte, and randomly mutated streams of valid frames.
+frames split at every byte, randomly mutated streams of valid frames, and
+LOGIN plus up to 4 KB of mutated frames in one write (which ride along in
+the SET hand-off).
 
 Userids: logged-in cases use ``--user-base`` + a counter, so they never
 replace the logins of well-behaved users running beside the harness.
@@ -54,6 +56,7 @@ CLOSE_WAIT = 10.0  # seconds the server has to close a connection it must close 
 ANSWER_WAIT = 10.0  # seconds the server has to answer every valid frame of a served case
 SPLIT_PAUSE = 0.002  # seconds between the one-byte writes of a split case
 MAX_PAYLOAD = 3000  # bytes after LOGIN in one write: one server read, so one verdict
+ONE_READ = 4096  # app.set_worker.READ_SIZE: a first write up to this is one read
 COUNTERS = ("accepted", "logins", "protocol_errors", "close.protocol_error",
             "close.login_timeout", "close.bad_login", "close.peer_closed")
 
@@ -68,6 +71,7 @@ class Plan:
     expect: str = "served"  # served | protocol_error | login_timeout | bad_login
     reason: str = ""  # protocol_error.<reason> when expect == protocol_error
     answers: int = 0  # answers a served case must get (SHAKE and CLAIM frames)
+    logs_in: bool = False  # a LOGIN inside ``chunks`` (besides ``login``) succeeds
 
     @property
     def sent_bytes(self) -> int:
@@ -208,14 +212,14 @@ class Cases:
         data = p.encode(p.Login(user)) + p.encode(p.Shake(0)) + p.encode(p.Claim(0, 12345))
         return Plan("valid_split_every_byte", chunks=[data[i : i + 1] for i in
                                                       range(len(data))],
-                    expect="served", answers=2)
+                    expect="served", answers=2, logs_in=True)
 
-    def mutated(self) -> Plan:
+    def _mutated_body(self, user: int, max_frames: int, limit: int) -> bytes:
+        """Valid SHAKE/CLAIM frames with a few random byte edits, cut to ``limit`` bytes."""
         r = self.rng
-        user = self.user()
         frames = [r.choice([p.Shake(0), p.Shake(user), p.Shake(r.randrange(1 << 32)),
                             p.Claim(0, r.randrange(1 << 32)), p.Claim(user, 7)])
-                  for _ in range(r.randrange(1, 40))]
+                  for _ in range(r.randrange(1, max_frames))]
         data = bytearray(b"".join(p.encode(f) for f in frames))
         for _ in range(r.choice([0, 1, 1, 2, 3, 8])):
             pos = r.randrange(len(data))
@@ -231,17 +235,31 @@ class Cases:
         if r.random() < 0.2:
             cut = r.randrange(1, len(data) + 1)
             data = data[:cut]  # a partial frame at the end stays pending: still served
-        data = bytes(data[:MAX_PAYLOAD])
+        return bytes(data[:limit])
+
+    def mutated(self) -> Plan:
+        user = self.user()
+        data = self._mutated_body(user, 40, MAX_PAYLOAD)
         expect, reason, answers = verdict(data, logged_in=True)
         return Plan("mutated_stream", login=user, chunks=[data], expect=expect, reason=reason,
                     answers=answers)
+
+    def login_with_payload(self) -> Plan:
+        """LOGIN and up to 4 KB of (mutated) frames in one write: they ride the hand-off."""
+        user = self.user()
+        login = p.encode(p.Login(user))
+        data = self._mutated_body(user, 260, ONE_READ - len(login))
+        expect, reason, answers = verdict(data, logged_in=True)
+        return Plan("login_with_payload", chunks=[login + data], expect=expect, reason=reason,
+                    answers=answers, logs_in=True)
 
     def weighted(self) -> list[tuple[Callable[[], Plan], int]]:
         return [(self.wrong_length, 6), (self.unknown_command, 6), (self.oversize, 6),
                 (self.login_first, 6), (self.flood_before_login, 3), (self.random_bytes, 10),
                 (self.split_bad, 3), (self.never_login, 2), (self.partial_login, 2),
                 (self.login_zero, 3), (self.after_login, 8), (self.direction, 4),
-                (self.login_twice, 4), (self.split_valid, 2), (self.mutated, 20)]
+                (self.login_twice, 4), (self.split_valid, 2), (self.mutated, 20),
+                (self.login_with_payload, 8)]
 
     def pick(self) -> Plan:
         choices, weights = zip(*self.weighted(), strict=True)
@@ -313,7 +331,7 @@ class Harness:
             self.expected["close.peer_closed"] += 1
         else:
             self.expected["close." + plan.expect] += 1
-        if plan.login or plan.case == "valid_split_every_byte":
+        if plan.login or plan.logs_in:
             self.expected["logins"] += 1
 
     def _drive(self, sock: socket.socket, plan: Plan) -> str:
@@ -331,7 +349,7 @@ class Harness:
             if i + 1 < len(plan.chunks):
                 gevent.sleep(SPLIT_PAUSE)
         if plan.expect == "served":
-            want = plan.answers + (1 if not plan.login else 0)
+            want = plan.answers + (1 if plan.logs_in else 0)  # + its LOGIN_RESULT
             frames = self._read(sock, decoder, want, ANSWER_WAIT)
             if frames is None:
                 return "closed"

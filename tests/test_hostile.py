@@ -128,3 +128,30 @@ def test_a_peer_that_never_reads_is_cut_off_and_costs_nothing(start_server):
                survived="1/1 good; slow reader cut", lost=0,
                figures={"flood_mb": round(sent / 2**20, 1),
                         "set_rss_mb": [round(rss_before / 2**20, 1), round(rss_after / 2**20, 1)]}))
+
+
+def test_login_with_4k_of_frames_in_one_write_survives_any_hand_off(start_server):
+    """Bytes after the LOGIN ride in the hand-off datagram: none may be cut off.
+
+    Found by this suite: the owner read its inbox with a 1 KB buffer, so a
+    first write of LOGIN + 250 SHAKEs kept only 63 of them when the
+    connection was accepted by another SET.
+    """
+    server = start_server(sets=4)
+    frames = 250  # 16 + 250 * 16 = 4016 bytes: one server read
+    answered = []
+    for user in range(1, 13):  # 3 users per SET, accepted wherever SO_REUSEPORT puts them
+        c = Client(server.port)
+        try:
+            c.send_raw(p.encode(p.Login(user)) + p.encode(p.Shake(0)) * frames)
+            assert c.recv_type(p.LoginResult).result == 0
+            answered.append(sum(1 for _ in range(frames) if c.recv_type(p.ShakeResult)))
+        finally:
+            c.close()
+    counters = server.stats()["counters"]
+    assert answered == [frames] * 12
+    assert counters.get("handoff.received", 0) == counters.get("handoff.sent", 0)
+    assert counters.get("handoff.bad", 0) == 0
+    record(Row("hostile: LOGIN + 4 KB of frames in one write, handed off",
+               bad_inputs=0, survived="12/12", lost=12 * frames - sum(answered),
+               figures={"handoffs": counters.get("handoff.received", 0)}))
