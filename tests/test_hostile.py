@@ -117,7 +117,8 @@ def test_a_peer_that_never_reads_is_cut_off_and_costs_nothing(start_server):
         except OSError:
             pass  # reset by the server: it cut us off
         wait_for(lambda: server.stats()["counters"].get("close.slow_reader", 0) == 1)
-        assert good.shake().result == p.ShakeCode.NONE_LEFT  # the SET kept serving
+        # The SET kept serving (17 if the flood spent this second's budget).
+        assert good.shake().result in (p.ShakeCode.NONE_LEFT, p.ShakeCode.OVERLOAD)
         rss_after = psutil.Process(pid).memory_info().rss
     finally:
         bad.close()
