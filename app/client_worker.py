@@ -58,6 +58,9 @@ LOGIN_TIMEOUT = 10.0  # seconds from connect() to LOGIN_RESULT before we give up
 # accept queues filled with connections whose login timed out, and each retry
 # added to the queue (measured: 5.5M failed attempts, 49k of 200k logged in
 # after 5 min). With a cap, attempts go at the speed logins come back.
+# Capped further at 2 s of this process's connect rate: with 68 workers on one
+# machine, 1000 each was still 68k logins queued behind a server that accepts
+# ~7k/s, i.e. past the login timeout.
 MAX_IN_FLIGHT = 1000
 MAX_CATCH_UP = 2  # seconds of missed ticks we still send (stamped with their own second)
 
@@ -107,6 +110,7 @@ class Worker:
         self.pacing: str = spec["pacing"]
         self.qps: int = spec.get("qps", 0)
         self.connect_rate: float = spec["connect_rate"]  # attempts per second, this process
+        self.max_in_flight = max(50, min(MAX_IN_FLIGHT, int(2 * self.connect_rate)))
         self.changes: list[tuple[int, int]] = []  # (tick, qps) waiting for their tick
         self.conns = [Conn(p, self.first + p) for p in range(self.begin, self.end)]
         self.by_fd: dict[int, Conn] = {}
@@ -219,7 +223,7 @@ class Worker:
                           max(1.0, self.connect_rate / 10))
         due = self.due
         pending = self.pending
-        while due and due[0][0] <= now and self.tokens >= 1 and len(pending) < MAX_IN_FLIGHT:
+        while due and due[0][0] <= now and self.tokens >= 1 and len(pending) < self.max_in_flight:
             _, pos = heapq.heappop(due)
             conn = self.conns[pos - self.begin]
             if conn.state == DOWN:
