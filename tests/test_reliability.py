@@ -263,7 +263,9 @@ def test_kill_9_of_the_supervisor_sets_stop_by_themselves(start_server, start_ag
                survived=f"{client['connections']}/200 back", lost=0,
                ledger_diff=ledger_diff(ledger),
                figures={"sets_gone_s": round(orphans_gone, 3), "torn_bytes": torn,
-                        "in_flight_lost": client["totals"]["lost"]}))
+                        "in_flight_lost": client["totals"]["lost"],
+                        "reconnects": client["totals"]["reconnects"],
+                        "connect_failures": client["totals"]["connect_failures"]}))
 
 
 def test_hung_set_is_killed_by_the_heartbeat_and_restarted(start_server, start_agent):
