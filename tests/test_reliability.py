@@ -23,9 +23,10 @@ from typing import Any
 
 import psutil
 
+from app import protocol as p
 from tests import reliability
 from tests.reliability import AgentProcess, Row, ledger_diff, record
-from tests.serverproc import ServerProcess
+from tests.serverproc import Client, ServerProcess
 from tests.test_server import wait_for
 
 reliability_table = reliability.reliability_table  # module fixture: prints the table
@@ -295,3 +296,47 @@ def test_hung_set_is_killed_by_the_heartbeat_and_restarted(start_server, start_a
                ledger_diff=ledger_diff(ledger),
                figures={"detected_and_restarted_s": round(restarted, 2),
                         "in_flight_lost": client["totals"]["lost"]}))
+
+
+def test_claims_survive_a_kill_9_exactly_once(start_server):
+    """A share claimed before the SET died stays claimed; the others are still claimable once."""
+    server = start_server(sets=2)
+    users = range(1, 9)  # 4 per SET
+    conns = {u: Client(server.port) for u in users}
+    try:
+        for u, c in conns.items():
+            assert c.login(u).result == 0
+        server.get("/fahongbao?qps=20&sum=2&min=1&max=8")
+        wait_for(lambda: server.stats()["group"]["created"] == 2)
+        pushes: dict[int, p.EnvelopePush] = {}
+        for u in users:
+            if u % 2 == 1:
+                try:
+                    pushes[u] = conns[u].recv_type(p.EnvelopePush, timeout=1)
+                except TimeoutError:
+                    pass
+        assert len(pushes) == 3  # SET 1's group
+        a, b, c = sorted(pushes)
+        eid = pushes[a].envelope_id
+        assert conns[a].claim(eid).amount == pushes[a].amount
+        victim = server.stats()["per_set"][1]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: server.get("/health")["restarts"] == 1)
+        server.wait_healthy()
+        for u in (a, b, c):
+            conns[u].close()
+            conns[u] = Client(server.port)
+            assert conns[u].login(u).result == 0
+        assert conns[a].claim(eid).amount == 0  # journaled before its answer: not twice
+        assert conns[b].claim(eid).amount == pushes[b].amount
+        assert conns[b].claim(eid).amount == 0
+        assert conns[c].claim(eid).amount == pushes[c].amount
+    finally:
+        for conn in conns.values():
+            conn.close()
+    ledger = server.stats(audit=True)["ledger"]
+    assert ledger["balanced"] and ledger["claims_granted"] == 3
+    assert ledger["granted"]["amount"] == sum(push.amount for push in pushes.values())
+    record(Row("fault: kill -9 between claims of one group envelope", faults=1,
+               survived="3/3 recipients", lost=0, ledger_diff=ledger_diff(ledger),
+               figures={"claims_granted": ledger["claims_granted"]}))
