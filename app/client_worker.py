@@ -37,6 +37,7 @@ import time
 from typing import Any
 
 import gevent
+from gevent.event import Event
 
 from app import protocol
 from app.client_histogram import Histogram
@@ -120,6 +121,7 @@ class Worker:
         self.refilled = time.time()
         self.ready = 0
         self.reactor = Reactor(self._dispatch)
+        self.wake = Event()
         self.stdin = sys.stdin.fileno()
         self.ctl_buf = b""
         self.last_tick = 0
@@ -350,6 +352,7 @@ class Worker:
                 else:
                     self.changes.append((tick, int(msg["qps"])))
                     self.changes.sort()
+                self.wake.set()  # an idle pacer sleeps to the next second: wake it now
 
     def coverage(self) -> None:
         """Report how evenly users were asked: O(connections), so only on request."""
@@ -393,16 +396,31 @@ class Worker:
         if skipped:
             self.skipped[second] = self.skipped.get(second, 0) + skipped
 
+    def idle(self, next_tick: float) -> bool:
+        """True when the ticks until the next second would do nothing."""
+        return (not self.qps and not self.changes and not self.pending
+                and not (self.due and self.due[0][0] <= next_tick + 1.0))
+
     def pace(self) -> None:
         """The tick loop: sleep to the next wall-clock tick, run every tick now due."""
         ticks = self.ticks
         self.last_tick = int(time.time() * ticks)
         while not self.stopping:
             now = time.time()
-            gevent.sleep(max(0.0, (int(now * ticks) + 1) / ticks - now))
+            next_tick = (int(now * ticks) + 1) / ticks
+            was_idle = self.idle(next_tick)
+            if was_idle:
+                # Nothing to send or connect: wake once a second (for the report)
+                # or on a control message, not 100 times. Measured: 68 idle
+                # workers holding 1M connections cost ~1 core at 100 wake-ups/s.
+                self.wake.clear()
+                self.wake.wait(max(0.0, int(now) + 1 - now))
+            else:
+                gevent.sleep(max(0.0, next_tick - now))
             now = time.time()
             current = int(now * ticks)
-            self.lag = max(self.lag, now - (self.last_tick + 1) / ticks)
+            if not was_idle:  # after an idle sleep, late ticks are by design
+                self.lag = max(self.lag, now - (self.last_tick + 1) / ticks)
             if current - self.last_tick > MAX_CATCH_UP * ticks:
                 log.warning("process %d: %d ticks late, skipping them",
                             self.index, current - self.last_tick)
