@@ -51,7 +51,7 @@ from app.smoke_report import Phase, build_seconds, ledger_check, phase_summary, 
 log = logging.getLogger("hongbao.scale")
 
 ROOT = Path(__file__).resolve().parent.parent
-# Connections per source address. connect() searches the odd half of the port
+# Connections per source address. connect() searches one half of the port
 # range first for a free 4-tuple to the one server address: measured, a client
 # worker stalled for 10 s at ~14k connections per address on the default range.
 ADDRESS_CONNECTIONS = 10_000
