@@ -56,7 +56,9 @@ def test_exact_shake_results_for_a_known_supply(server, clients):
     assert ledger["granted"]["count"] == 25 and ledger["waiting"]["count"] == 0
     assert ledger["balanced"]
     # Per-second counts by the client's sent second add up to what was sent.
-    rows = wait_for(lambda: server.stats()["per_second"])
+    # Wait until the second(s) the shakes were sent in are complete on the server.
+    rows = wait_for(lambda: (r := server.stats()["per_second"])
+                    and sum(row["shakes"] for row in r) == 40 and r)
     totals = {code: sum(r["by_result"][code] for r in rows) for code in ("14", "15", "17")}
     assert totals == {"14": 25, "15": 15, "17": 0}
 
