@@ -1,6 +1,7 @@
 """Hostile-input harness: many connections of random and mutated frames against a server.
 
-Run (against a server started with, say, ``--login-timeout 1``)::
+Run (against a server started with, say, ``--login-timeout 3``; a LOGIN sent
+one byte at a time must still finish within it)::
 
     python -m app.fuzz --port 1025 --control 127.0.0.1:8989 --seconds 10 \
         --connections 200 --login-wait 4 [--seed 7] [--json report.json]
@@ -54,7 +55,7 @@ from app import protocol as p
 HEAD = struct.Struct(">HH")
 CLOSE_WAIT = 10.0  # seconds the server has to close a connection it must close (generous: CI)
 ANSWER_WAIT = 10.0  # seconds the server has to answer every valid frame of a served case
-SPLIT_PAUSE = 0.002  # seconds between the one-byte writes of a split case
+SPLIT_PAUSE = 0.001  # seconds between the one-byte writes of a split case
 MAX_PAYLOAD = 3000  # bytes after LOGIN in one write: one server read, so one verdict
 ONE_READ = 4096  # app.set_worker.READ_SIZE: a first write up to this is one read
 COUNTERS = ("accepted", "logins", "protocol_errors", "close.protocol_error",

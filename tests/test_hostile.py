@@ -44,7 +44,8 @@ def p99_of(seconds: list[dict], lo: int, hi: int) -> float:
 
 
 def test_fuzz_beside_a_steady_agent(start_server, start_agent, tmp_path):
-    server = start_server(sets=2, extra=["--login-timeout", "1"])
+    # 3 s: a LOGIN written one byte at a time must finish in time even on a loaded box.
+    server = start_server(sets=2, extra=["--login-timeout", "3"])
     server.get("/yaohongbao?qps=100&sum=1000000")
     agent = start_agent(server, (1, 200))
     agent.wait_connected()
