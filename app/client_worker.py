@@ -52,7 +52,8 @@ FD_RESERVE = 64  # descriptors kept free for the epoll, pipes and the odd HTTP r
 EXIT_CANNOT_BOOT = 3  # reserved: the parent halts instead of restarting us forever
 
 BACKOFF_BASE = 0.5  # seconds; first retry after a loss waits uniform(0, 0.5)
-BACKOFF_CAP = 30.0  # seconds; the longest a retry waits, however many failures
+BACKOFF_CAP = 5.0  # seconds; the longest a retry waits (the connect-rate bucket bounds the rate;
+# with 30 s, users that failed 4 times while a server restarted took 25 s to come back)
 LOGIN_TIMEOUT = 10.0  # seconds from connect() to LOGIN_RESULT before we give up
 # Attempts between connect() and LOGIN_RESULT, per process. Closed-loop flow
 # control: a rate alone kept connecting faster than 11 SETs could accept, the
