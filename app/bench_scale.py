@@ -58,6 +58,7 @@ ADDRESS_CONNECTIONS = 10_000
 SHAKE_ENVELOPES_PER_S = 83  # the classic's generation rate
 GROUPS_PER_S = 200  # the classic's group sending rate
 POLL = 0.5  # seconds between resource checks
+TCP_MEM_STOP = 0.8  # stop before the kernel starts resetting everyone's sockets
 
 
 class OutOfResource(Exception):
@@ -72,6 +73,23 @@ def meminfo() -> dict[str, int]:
             key, value = line.split(":", 1)
             out[key] = int(value.split()[0]) * 1024
     return out
+
+
+def tcp_memory() -> tuple[int, int]:
+    """(pages the kernel's TCP stack holds now, the tcp_mem limit in pages).
+
+    Global, not per namespace: past the limit the kernel resets sockets with
+    queued data on the whole machine ("TCP: out of memory"), other jobs' too.
+    """
+    used = 0
+    with open("/proc/net/sockstat") as fh:
+        for line in fh:
+            if line.startswith("TCP:"):
+                fields = line.split()
+                used = int(fields[fields.index("mem") + 1])
+    with open("/proc/sys/net/ipv4/tcp_mem") as fh:
+        limit = int(fh.read().split()[2])
+    return used, limit
 
 
 def tree(pid: int) -> list[psutil.Process]:
@@ -121,6 +139,7 @@ class ScaleRun:
         self.phases: list[Phase] = []
         self.polled: dict[int, dict[str, Any]] = {}
         self.figures: dict[str, Any] = {"stopped_by": None}
+        self.cpu_marks: dict[str, tuple[float, float, float, float]] = {}
         self.mem_floor = args.mem_floor_mb * 2**20
 
     # ------------------------------------------------------------- processes
@@ -183,6 +202,11 @@ class ScaleRun:
         if mem["MemAvailable"] < self.mem_floor:
             raise OutOfResource(f"memory: MemAvailable {mem['MemAvailable'] >> 20} MiB "
                                 f"< floor {self.mem_floor >> 20} MiB")
+        pages, limit = tcp_memory()
+        self.figures["tcp_mem_peak_pages"] = max(self.figures.get("tcp_mem_peak_pages", 0), pages)
+        if pages > TCP_MEM_STOP * limit:
+            raise OutOfResource(f"kernel TCP memory: {pages} pages of tcp_mem {limit} "
+                                f"(answers queued faster than read)")
         for service in [self.server, *self.clients]:
             if service and service.proc and service.proc.poll() is not None:
                 raise OutOfResource(f"process: {service.name} exited with "
@@ -251,6 +275,7 @@ class ScaleRun:
         get_json(self.server_api, f"/fahongbao?qps={GROUPS_PER_S}&sum={GROUPS_PER_S * span}"
                                   f"&min=1&max={a.connections}", tries=3)
         cpu_marks: dict[str, tuple[float, float, float, float]] = {}
+        self.cpu_marks = cpu_marks  # kept up to date: a run stopped mid-phase still reports
         while time.time() < at + 2:
             self.check()
             now = time.time()
@@ -266,7 +291,6 @@ class ScaleRun:
             self.poll_second(now)
             time.sleep(max(0.05, 1.0 - (time.time() % 1.0) + 0.3))
         sys.stderr.write("\n")
-        self.cpu_marks = cpu_marks
 
     def poll_second(self, now: float) -> None:
         try:
@@ -394,7 +418,8 @@ def print_table(result: dict[str, Any]) -> str:
         f"{bpc.get('client_user', '-')}, kernel slab per pair {bpc.get('kernel_pair', '-')} "
         f"(whole machine {bpc.get('machine_used', '-')})",
         f"RSS totals                server {f.get('server_rss_total_mb', '-')} MiB, clients "
-        f"{f.get('client_rss_total_mb', '-')} MiB",
+        f"{f.get('client_rss_total_mb', '-')} MiB; kernel TCP memory peak "
+        f"{f.get('tcp_mem_peak_pages', '-')} pages",
         f"worst loop lag / GC pause {f.get('loop_lag_max_ms', '-')} ms / "
         f"{f.get('gc_pause_max_ms', '-')} ms (server SETs, last 300 s; per phase below)", ""]
     head = ("phase", "target", "server/s", "±2% s", "p50", "p99", "p999", "srv µs/req",
