@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
+
+from app.procs import stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,17 +53,7 @@ def process(cmd: list[str], ready: str, timeout: float = 60.0, **kwargs):
             raise RuntimeError(f"{cmd[2]} did not become ready (exit {proc.poll()})")
         yield proc, match
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        stop_group(proc, 10.0, cmd[2])
 
 
 def rss(pids: list[int]) -> int:

@@ -45,7 +45,7 @@ import psutil
 
 from app import netns
 from app.client_histogram import Histogram
-from app.smoke import CLIENT_READY, SERVER_READY, Service, get_json, progress
+from app.smoke import CLIENT_READY, SERVER_READY, Service, get_json, progress, stop_services
 from app.smoke_report import Phase, build_seconds, ledger_check, phase_summary, write_graphs
 
 log = logging.getLogger("hongbao.scale")
@@ -185,12 +185,7 @@ class ScaleRun:
             self.client_apis.append(f"{match.group(1)}:{match.group(2)}")
 
     def stop_all(self) -> None:
-        for service in [*self.clients, self.server]:
-            if service is not None:
-                try:
-                    service.stop()
-                except Exception:
-                    log.exception("stopping %s", service.name)
+        stop_services([*self.clients, self.server])
 
     def server_procs(self) -> list[psutil.Process]:
         return tree(self.server.proc.pid) if self.server and self.server.proc else []

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import select
 import signal
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from app import settings
+from app.procs import stop_group
 from app.smoke_report import Phase, build_seconds, summarise, write_graphs, write_table
 
 log = logging.getLogger("hongbao.smoke")
@@ -83,19 +83,18 @@ class Service:
 
     def stop(self) -> None:
         """SIGTERM by PID, a bounded wait, then SIGKILL of its process group."""
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            log.warning("%s (pid %d) ignored SIGTERM; killing its group", self.name, proc.pid)
+        if self.proc is not None:
+            stop_group(self.proc, STOP_TIMEOUT, self.name)
+
+
+def stop_services(services: list[Service | None]) -> None:
+    """Stop each service in turn; one that fails to stop does not spare the others."""
+    for service in services:
+        if service is not None:
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+                service.stop()
+            except Exception:
+                log.exception("stopping %s", service.name)
 
 
 def get_json(address: str, path: str, timeout: float = 10.0, tries: int = 1) -> dict[str, Any]:
@@ -163,12 +162,7 @@ class Smoke:
             self.client_apis.append(f"{match.group(1)}:{match.group(2)}")
 
     def stop_all(self) -> None:
-        for service in [*self.clients, self.server]:
-            if service is not None:
-                try:
-                    service.stop()
-                except Exception:  # keep stopping the others
-                    log.exception("stopping %s", service.name)
+        stop_services([*self.clients, self.server])
 
     def wait_logged_in(self) -> float:
         started = time.time()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from app.procs import stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLE_PATH = ROOT / "var" / "reliability-table.txt"
@@ -155,18 +156,7 @@ class AgentProcess:
         proc = self.proc
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # workers left behind
-        except (ProcessLookupError, PermissionError):
-            pass
-        if proc.poll() is None:
-            proc.wait(5)
+        stop_group(proc, 10.0, "agent")  # SIGKILL of the group: workers left behind
         if proc.stdout:
             proc.stdout.close()
         self.proc = None

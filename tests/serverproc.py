@@ -7,7 +7,6 @@ The server runs in its own process group and is always stopped by PID
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -18,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from app import protocol as p
+from app.procs import stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
 READY = re.compile(r"hongbao-server listening port=(\d+) control=([\d.]+):(\d+) sets=(\d+)")
@@ -94,18 +94,7 @@ class ServerProcess:
     def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # any SET left behind
-        except (ProcessLookupError, PermissionError):
-            pass
-        if self.proc.poll() is None:
-            self.proc.wait(5)
+        stop_group(self.proc, 15.0, "server")  # SIGKILL of the group: any SET left behind
         if self.proc.stdout:
             self.proc.stdout.close()
         self.log.close()
