@@ -45,7 +45,15 @@ import psutil
 
 from app import netns
 from app.client_histogram import Histogram
-from app.smoke import CLIENT_READY, SERVER_READY, Service, get_json, progress, stop_services
+from app.smoke import (
+    CLIENT_READY,
+    SERVER_READY,
+    Service,
+    get_json,
+    progress,
+    snapshot,
+    stop_services,
+)
 from app.smoke_report import Phase, build_seconds, ledger_check, phase_summary, write_graphs
 
 log = logging.getLogger("hongbao.scale")
@@ -292,16 +300,10 @@ class ScaleRun:
         sys.stderr.write("\n")
 
     def poll_second(self, now: float) -> None:
-        try:
-            stats = get_json(self.server_api, "/stats?seconds=3", timeout=5)
-        except (OSError, ValueError) as exc:
-            log.warning("server /stats failed: %s", exc)
+        snap = snapshot(self.server_api, self.polled, self.phases, now, timeout=5)
+        if snap is None:
             return
-        second = int(now)
-        self.polled[second] = {"connections": stats["connections"], "ledger": stats["ledger"],
-                               "group": stats["group"]}
-        last = stats["per_second"][-1] if stats["per_second"] else {"second": 0, "shakes": 0}
-        phase = next((p for p in self.phases if p.start <= last["second"] < p.end), None)
+        stats, last, phase = snap
         progress(f"phase {phase.name if phase else '-':>4} target "
                  f"{phase.target if phase else 0:>6} server {last['shakes']:>6}/s conns "
                  f"{stats['connections']:>8} ledger "

@@ -97,6 +97,25 @@ def stop_services(services: list[Service | None]) -> None:
                 log.exception("stopping %s", service.name)
 
 
+def snapshot(server_api: str, polled: dict[int, dict[str, Any]], phases: list[Phase],
+             now: float, timeout: float = 10.0) -> tuple[dict, dict, Phase | None] | None:
+    """Record the server's cumulative ledger and connections for second ``now``.
+
+    Returns (stats, the last complete second's row, its phase), or None when
+    /stats failed: a missed snapshot is covered by the next one.
+    """
+    try:
+        stats = get_json(server_api, "/stats?seconds=3", timeout=timeout)
+    except (OSError, ValueError) as exc:
+        log.warning("server /stats failed: %s", exc)
+        return None
+    polled[int(now)] = {"connections": stats["connections"], "ledger": stats["ledger"],
+                        "group": stats["group"]}
+    last = stats["per_second"][-1] if stats["per_second"] else {"second": 0, "shakes": 0}
+    phase = next((p for p in phases if p.start <= last["second"] < p.end), None)
+    return stats, last, phase
+
+
 def get_json(address: str, path: str, timeout: float = 10.0, tries: int = 1) -> dict[str, Any]:
     """GET a control API's JSON; ``tries`` > 1 retries errors (a busy server may answer 500)."""
     for attempt in range(tries):
@@ -231,16 +250,11 @@ class Smoke:
 
     def poll_second(self, now: float) -> None:
         """Snapshot the server's cumulative ledger and connections; print the progress line."""
-        try:
-            stats = get_json(self.server_api, "/stats?seconds=3")
-        except (OSError, ValueError) as exc:  # a missed snapshot: the next one covers it
-            log.warning("server /stats failed: %s", exc)
+        snap = snapshot(self.server_api, self.polled, self.phases, now)
+        if snap is None:
             return
+        stats, last, phase = snap
         second = int(now)
-        self.polled[second] = {"connections": stats["connections"], "ledger": stats["ledger"],
-                               "group": stats["group"]}
-        last = stats["per_second"][-1] if stats["per_second"] else {"second": 0, "shakes": 0}
-        phase = next((p for p in self.phases if p.start <= last["second"] < p.end), None)
         ledger = stats["ledger"]
         progress(f"t={second - self.phases[0].start:+4d}s phase {phase.name if phase else '-':>4} "
                  f"target {phase.target if phase else 0:>6} server {last['shakes']:>6}/s "
