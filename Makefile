@@ -21,7 +21,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 ## The main job: one machine, embedded defaults (server, 3 simulated hosts, phases, envelopes).
 ## With the monitor stack up (make monitor-up) the run also sends its metrics there.
 smoke: $(STAMP)
-	env $$($(PY) -m monitor.stack env) $(PY) -m app.smoke $(ARGS)
+	env $$($(PY) -m monitor.stack env) $(PY) -m app.local.smoke $(ARGS)
 
 ## The test suite (what .ci/run calls).
 test: $(STAMP) $(FLEET_STAMP)
@@ -35,7 +35,7 @@ bench-server: $(STAMP)
 
 ## Client agent costs: CPU µs per request, idle CPU, RSS per connection, restart convergence.
 bench-client: $(STAMP)
-	$(PY) -m app.client_bench $(ARGS)
+	$(PY) -m app.bench.client $(ARGS)
 
 bench-scale: $(STAMP)
 	$(PY) -m app.bench scale $(ARGS)

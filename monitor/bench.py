@@ -16,7 +16,7 @@ with psutil (gunicorn's workers included); afterwards Graphite's
 per-second series must sum to exactly the updates sent.
 
 This is the worst case: a hongbao process aggregates first and sends a
-few hundred lines a second whatever its request rate (app.metrics), so
+few hundred lines a second whatever its request rate (app.metrics.statsd), so
 60,000 shakes/s reach statsd as ~1-2 thousand lines/s.
 """
 
@@ -89,7 +89,7 @@ def send_aggregated(address: tuple[str, int], rate: int, names: int, processes: 
     between them in memory and each flushes one batch a second (as SETs and agents do)."""
     import gevent
 
-    from app.metrics import Metrics
+    from app.metrics.statsd import Metrics
 
     per_tick = max(1, rate // TICKS // processes)
     sent = dict.fromkeys(range(names), 0)

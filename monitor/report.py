@@ -16,7 +16,7 @@ With Graphite, the report also saves graphite-web's own PNG of the QPS view
 (``graphite-qps.png``: rendered by cairo in the stack).
 
 Time alignment: statsd stamps a flush with its second, and processes flush
-at the half second (app.metrics). A counter counted as it happens (the
+at the half second (app.metrics.statsd). A counter counted as it happens (the
 server's) lands in point t for the events of [t-1.5, t-0.5); a client agent
 counts a second once all its workers reported it, so its second s lands in
 point s+2. The report draws point t at t-2: client and server lines then

@@ -64,7 +64,7 @@ class Ports:
     Each one is overridable by ``--<name>`` or ``HONGBAO_MONITOR_<NAME>``.
     """
 
-    statsd_port: int = 8125  # UDP, where app.metrics sends
+    statsd_port: int = 8125  # UDP, where app.metrics.statsd sends
     statsd_admin_port: int = 8136  # TCP, statsd's management console ("health")
     carbon_line_port: int = 2103  # TCP, plaintext protocol from statsd
     carbon_pickle_port: int = 2104
@@ -425,7 +425,7 @@ class Stack:
 def running_stack(root: Path | None = None) -> Stack | None:
     """The stack started by ``up`` under root if it answers, else None.
 
-    For ``app.smoke``: use ``stack.statsd_address`` for Metrics and
+    For ``app.local.smoke``: use ``stack.statsd_address`` for Metrics and
     ``stack.graphite_url`` for the report when this returns a stack.
     """
     root = Path(root or os.environ.get("HONGBAO_MONITOR_DIR") or DEFAULT_ROOT)

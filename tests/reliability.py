@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from app.procs import stop_group
+from app.local.procs import stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLE_PATH = ROOT / "var" / "reliability-table.txt"

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from app import protocol as p
-from app.procs import stop_group
+from app.local.procs import stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
 READY = re.compile(r"hongbao-server listening port=(\d+) control=([\d.]+):(\d+) sets=(\d+)")

@@ -20,8 +20,8 @@ from math import ceil
 
 import pytest
 
-from app.client_schedule import share
-from app.smoke import CLIENT_READY, Service, get_json
+from app.client.schedule import share
+from app.local.smoke import CLIENT_READY, Service, get_json
 
 
 @dataclass
@@ -192,7 +192,7 @@ def test_the_client_bench_measures_and_cleans_up():
     import json
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-m", "app.client_bench", "--users", "300",
+    proc = subprocess.run([sys.executable, "-m", "app.bench.client", "--users", "300",
                            "--qps", "300", "--seconds", "2", "--sets", "2"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

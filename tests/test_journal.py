@@ -14,8 +14,8 @@ import re
 import pytest
 
 from app import protocol as p
-from app.journal import MAGIC, VERSION, JournalCorrupt, encode_record, read_journal
-from app.ledger import Ledger
+from app.server.journal import MAGIC, VERSION, JournalCorrupt, encode_record, read_journal
+from app.server.ledger import Ledger
 from tests import reliability
 from tests.reliability import Row, ledger_diff, record
 from tests.serverproc import Client
@@ -49,7 +49,7 @@ def test_sample_journal_replays_into_a_balanced_ledger():
 
 
 def read_journal_from(data: bytes) -> tuple[list, int]:
-    from app.journal import _scan  # the scanner itself, without a file
+    from app.server.journal import _scan  # the scanner itself, without a file
 
     records, good = [], 0
     for kind, fields, end in _scan(data, "mem"):

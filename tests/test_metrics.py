@@ -1,4 +1,4 @@
-"""app.metrics and app.sysmetrics against a plain UDP socket on port 0 (no daemon)."""
+"""app.metrics.statsd and app.metrics.system against a plain UDP socket on port 0 (no daemon)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import time
 import gevent
 import pytest
 
-from app import sysmetrics
-from app.metrics import FLUSH_PHASE, Metrics, _next_phase
+from app.metrics import system as sysmetrics
+from app.metrics.statsd import FLUSH_PHASE, Metrics, _next_phase
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ def write_records(run_dir, seconds: int = 30, skip: tuple[str, ...] = ()) -> lis
         row = {"t": T0 + i, "client_sent": q, "client_answered": q, "server_shakes": q,
                "server_by_result": {"14": q // 10, "15": q - q // 10},
                "connections": 3000,
-               # ledger totals, as app.smoke writes them: the report draws their changes
+               # ledger totals, as app.local.smoke writes them: the report draws their changes
                "envelopes_generated": 50 * i, "envelopes_granted": 40 * i,
                "group_claimed": 9 * i, "amount_generated": 5000 * i, "amount_granted": 4000 * i,
                "latency_p50_ms": 0.8, "latency_p99_ms": 3.0 + i % 3, "target_qps": q,

@@ -21,7 +21,7 @@ from pathlib import Path
 import gevent
 import pytest
 
-from app.metrics import Metrics
+from app.metrics.statsd import Metrics
 from monitor import report
 from monitor.stack import Ports, Stack, StackError, fetch_series
 from tests.serverproc import ROOT, ServerProcess
@@ -212,7 +212,7 @@ def test_real_load_graphite_matches_server_counts_and_report_draws_it(stack, tmp
     assert graphs["qps"]["series"]["server shakes"] == sum(by_result.values())
     assert graphs["qps"]["series"]["client sent"] == sum(by_result.values())
     assert graphs["connections"]["series"]["server"] == 2000
-    assert graphs["network"]["series"]["e2e in"] > 0  # the agent's host, app.sysmetrics
+    assert graphs["network"]["series"]["e2e in"] > 0  # the agent's host, app.metrics.system
     assert graphs["envelopes"]["series"]["generated"] == ledger["generated"]["count"]
     assert summary["graphite_png"] == "graphite-qps.png"
     html = (run_dir / "index.html").read_text()

@@ -6,8 +6,8 @@ from math import ceil
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.client_histogram import Histogram, bounds, bucket
-from app.client_schedule import clip, second_count, share, split, tick_span
+from app.client.histogram import Histogram, bounds, bucket
+from app.client.schedule import clip, second_count, share, split, tick_span
 
 T0 = 1_795_000_000  # a wall-clock second of today's size: the arithmetic must not care
 

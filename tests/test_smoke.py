@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from app.client_histogram import bucket
-from app.smoke_report import Phase, build_seconds, ledger_check, phase_summary, summarise
+from app.client.histogram import bucket
+from app.local.summary import Phase, build_seconds, ledger_check, phase_summary, summarise
 
 ROOT = Path(__file__).resolve().parent.parent
 T = 1_795_000_000
@@ -76,7 +76,7 @@ def test_summary_fails_on_a_missed_target():
 def test_a_short_smoke_run_passes_and_writes_its_run_directory(tmp_path):
     run_root = tmp_path / "runs"
     proc = subprocess.run(
-        [sys.executable, "-m", "app.smoke", "--connections", "1500", "--hosts", "3",
+        [sys.executable, "-m", "app.local.smoke", "--connections", "1500", "--hosts", "3",
          "--qps", "1000", "--idle-seconds", "2", "--phase-seconds", "6",
          "--run-dir", str(run_root)],
         cwd=ROOT, capture_output=True, text=True, timeout=150)

@@ -1,6 +1,6 @@
 """Client agent costs, measured: CPU µs per request, idle CPU, bytes per connection, restart.
 
-Run: ``make bench-client`` or ``python -m app.client_bench --users 19000
+Run: ``make bench-client`` or ``python -m app.bench.client --users 19000
 --qps 8000,15000 --seconds 10 [--restart] [--sources 127.1.0.9,127.1.0.10]``.
 
 It starts a real server (4 SETs, loopback) and one client agent holding
@@ -26,8 +26,8 @@ from typing import Any
 
 import psutil
 
-from app.client_histogram import Histogram
-from app.smoke import CLIENT_READY, SERVER_READY, Service, get_json
+from app.client.histogram import Histogram
+from app.local.smoke import CLIENT_READY, SERVER_READY, Service, get_json
 
 
 def merged(rows: list[dict[str, Any]]) -> Histogram:
@@ -152,7 +152,7 @@ class Bench:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m app.client_bench``: print the agent's measured costs as lines and JSON."""
+    """``python -m app.bench.client``: print the agent's measured costs as lines and JSON."""
     parser = argparse.ArgumentParser(prog="hongbao-client-bench", description=__doc__)
     parser.add_argument("--users", type=int, default=19_000)
     parser.add_argument("--qps", type=lambda v: [int(x) for x in v.split(",")],

@@ -18,8 +18,8 @@ SET's epoll set (``app.reactor``) and frames are handled in batches by the
 reactor greenlet; answers are written once per batch, *after* the journal
 records of that batch are written.
 
-Run by the supervisor (``app.supervisor``), never by hand:
-``python -m app.set_worker --set-id K --sets S --port P --inbox FD
+Run by the supervisor (``app.server.supervisor``), never by hand:
+``python -m app.server.set_worker --set-id K --sets S --port P --inbox FD
 --outboxes FD,... --control FD --config JSON``.
 """
 
@@ -45,11 +45,11 @@ import gevent
 from gevent import socket as gsocket
 
 from app import protocol as p
-from app import sysmetrics
-from app.journal import JournalCorrupt, JournalWriter, read_journal, write_snapshot
-from app.ledger import Ledger, LedgerError
-from app.metrics import Metrics
+from app.metrics import system as sysmetrics
+from app.metrics.statsd import Metrics
 from app.reactor import READ, READ_WRITE, WRITE, Reactor, close_fd, read_some, write_some
+from app.server.journal import JournalCorrupt, JournalWriter, read_journal, write_snapshot
+from app.server.ledger import Ledger, LedgerError
 
 log = logging.getLogger("hongbao.set")
 
@@ -168,7 +168,7 @@ class SetWorker:
         if torn:
             log.warning("SET %d: dropped a torn journal tail of %d bytes", self.set_id, torn)
         # Compact: rewrite the journal as a snapshot of the state just rebuilt.
-        from app.journal import MAGIC, VERSION, encode_record
+        from app.server.journal import MAGIC, VERSION, encode_record
 
         header = encode_record(b"H", MAGIC, VERSION, self.set_id, self.sets)
         write_snapshot(path, [header, *self.ledger.snapshot_records()])

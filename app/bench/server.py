@@ -3,7 +3,7 @@
 Run it::
 
     python -m app.bench server --connections 5000 --qps 50000 --seconds 10
-    python -m app.bench scale --connections 1000000 --hosts 17   # see app.bench_scale
+    python -m app.bench scale --connections 1000000 --hosts 17   # see app.bench.scale
 
 ``server`` loads one hongbao SET and, in the same run, a plain gevent
 StreamServer (a greenlet per connection) from a separate load process with
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import psutil
 
-from app.procs import stop_group
+from app.local.procs import stop_group
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @contextmanager
@@ -74,7 +74,7 @@ def measure(port: int, pids: list[int], args: argparse.Namespace) -> dict:
     """Connect the load process, measure idle bytes per connection, then CPU per shake."""
     time.sleep(0.5)
     rss_empty = rss(pids)
-    load_cmd = [sys.executable, "-m", "app.bench_load", "--port", str(port),
+    load_cmd = [sys.executable, "-m", "app.bench.load", "--port", str(port),
                 "--connections", str(args.connections), "--qps", str(args.qps),
                 "--seconds", str(args.seconds)]
     with process(load_cmd, r"ready (\d+)", timeout=120) as (load, match):
@@ -117,7 +117,7 @@ def bench_server(args: argparse.Namespace) -> dict:
             with urllib.request.urlopen(f"http://127.0.0.1:{control}/stats", timeout=10) as r:
                 set_pid = json.loads(r.read())["per_set"][0]["pid"]
             results["hongbao SET"] = measure(port, [set_pid], args)
-    cmd = [sys.executable, "-m", "app.bench_baseline", "--port", "0"]
+    cmd = [sys.executable, "-m", "app.bench.baseline", "--port", "0"]
     with process(cmd, r"port=(\d+)") as (proc, match):
         results["gevent StreamServer"] = measure(int(match.group(1)), [proc.pid], args)
     return results
@@ -195,11 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--qps", type=int, default=50000)
     srv.add_argument("--seconds", type=float, default=10.0)
     srv.add_argument("--json", help="also write the results to this file")
-    sub.add_parser("scale", help="the full-size run: see 'scale --help' (app.bench_scale)",
+    sub.add_parser("scale", help="the full-size run: see 'scale --help' (app.bench.scale)",
                    add_help=False)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["scale"]:
-        from app import bench_scale
+        from app.bench import scale as bench_scale
 
         return bench_scale.main(argv[1:])
     args = parser.parse_args(argv)

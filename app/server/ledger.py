@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from app.journal import JournalWriter, encode_record
+from app.server.journal import JournalWriter, encode_record
 
 # Order of the counters in a snapshot ("K") record.
 COUNTERS = ("next_seq", "gen_count", "gen_amount", "granted_count", "granted_amount",

@@ -1,6 +1,6 @@
 """The one-machine smoke run: server, simulated client hosts, phases, envelopes, a verdict.
 
-Run: ``make smoke`` (or ``python -m app.smoke --connections 20000 --hosts 3
+Run: ``make smoke`` (or ``python -m app.local.smoke --connections 20000 --hosts 3
 --qps 6000``). Embedded defaults: a server with 4 SETs on a free port, 3
 client agents bound to 127.1.0.1, 127.1.0.2, ... holding 20,000 connections
 in all, then the phases idle -> 30% -> 60% of the peak QPS (changed on the
@@ -33,12 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from app import settings
-from app.procs import stop_group
-from app.smoke_report import Phase, build_seconds, summarise, write_graphs, write_table
+from app.local.procs import stop_group
+from app.local.summary import Phase, build_seconds, summarise, write_graphs, write_table
 
 log = logging.getLogger("hongbao.smoke")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SERVER_READY = re.compile(r"hongbao-server listening port=(\d+) control=([\d.]+):(\d+)")
 CLIENT_READY = re.compile(r"hongbao-client listening control=([\d.]+):(\d+)")
 START_TIMEOUT = 60.0  # seconds for a process to print its ready line
@@ -291,7 +291,7 @@ def progress(text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m app.smoke``: run it all, print the summary, exit 0 only on a pass."""
+    """``python -m app.local.smoke``: run it all, print the summary, exit 0 only on a pass."""
     config = settings.parse("smoke", argv, description=__doc__.split("\n")[0])
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s smoke %(levelname)s %(message)s")

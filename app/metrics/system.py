@@ -34,7 +34,7 @@ from collections.abc import Iterable
 import gevent
 import psutil
 
-from app.metrics import Metrics
+from app.metrics.statsd import Metrics
 
 LAG_PROBE_INTERVAL = 0.1  # s; 10 wake-ups a second cost nothing next to a SET's 100 ticks
 

@@ -34,7 +34,7 @@ from gevent.event import Event
 from gevent.lock import BoundedSemaphore
 from gevent.socket import wait_read
 
-from app.set_worker import EXIT_BOOT_ERROR
+from app.server.set_worker import EXIT_BOOT_ERROR
 
 log = logging.getLogger("hongbao.supervisor")
 
@@ -117,7 +117,7 @@ class Supervisor:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         outboxes = [h.inbox_send.fileno() for h in self.handles]
         fds = [handle.inbox_recv.fileno(), child_end.fileno(), *outboxes]
-        cmd = [sys.executable, "-m", "app.set_worker", "--set-id", str(handle.set_id),
+        cmd = [sys.executable, "-m", "app.server.set_worker", "--set-id", str(handle.set_id),
                "--sets", str(self.sets), "--port", str(self.port),
                "--inbox", str(handle.inbox_recv.fileno()),
                "--outboxes", ",".join(map(str, outboxes)),

@@ -19,6 +19,35 @@ import struct
 from enum import IntEnum
 from typing import NamedTuple
 
+__all__ = [
+    "HEADER",
+    "HEADER_SIZE",
+    "Command",
+    "ShakeCode",
+    "LoginCode",
+    "LAYOUTS",
+    "FRAME_SIZES",
+    "MAX_FRAME",
+    "RECIPIENTS",
+    "U32_MAX",
+    "ProtocolError",
+    "Login",
+    "LoginResult",
+    "Shake",
+    "ShakeResult",
+    "EnvelopePush",
+    "Claim",
+    "ClaimResult",
+    "Frame",
+    "FRAME_TYPES",
+    "CLIENT_COMMANDS",
+    "SERVER_COMMANDS",
+    "encode",
+    "check_header",
+    "decode_frames",
+    "Decoder",
+]
+
 HEADER = struct.Struct(">HHQ")
 HEADER_SIZE = HEADER.size  # 12
 

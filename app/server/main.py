@@ -20,11 +20,12 @@ from typing import Any
 
 import gevent
 
-from app import settings, sysmetrics
+from app import settings
 from app.httpapi import Api, HttpError, Request, now, serve
-from app.ledger import sum_ledgers
-from app.metrics import Metrics
-from app.supervisor import Supervisor, share
+from app.metrics import system as sysmetrics
+from app.metrics.statsd import Metrics
+from app.server.ledger import sum_ledgers
+from app.server.supervisor import Supervisor, share
 
 log = logging.getLogger("hongbao.server")
 

@@ -8,14 +8,14 @@ Run: ``python -m app.client --server 127.0.0.1:1025 --users 1-60000
 connections=N``, then logs on stderr only.
 
 The agent is a small master (gunicorn-style): it splits the host's users over
-as many worker processes (``app.client_worker``) as the descriptor limit
+as many worker processes (``app.client.worker``) as the descriptor limit
 needs (at most ``PER_PROCESS`` connections each), restarts a worker that
 dies (with backoff; a worker that cannot boot halts the agent), forwards QPS
 changes to every worker stamped with the absolute tick they take effect at,
 and merges the workers' per-second records into host-wide seconds served by
 ``/stats`` and flushed to statsd (``hongbao.client.<host>.*``).
 
-The load rule lives in ``app.client_schedule``: in second t this host sends
+The load rule lives in ``app.client.schedule``: in second t this host sends
 exactly its share q, users chosen by the rotating window ``t*q mod n``.
 Frames carry the second they belong to, so the server's per-second counts
 (by frame timestamp) equal the sum of the hosts' shares.
@@ -39,13 +39,14 @@ import psutil
 from gevent import subprocess
 from gevent.event import AsyncResult, Event
 
-from app import settings, sysmetrics
-from app.client_api import build_api, clock_offset
-from app.client_histogram import Histogram
-from app.client_schedule import split
-from app.client_worker import EXIT_CANNOT_BOOT
+from app import settings
+from app.client.api import build_api, clock_offset
+from app.client.histogram import Histogram
+from app.client.schedule import split
+from app.client.worker import EXIT_CANNOT_BOOT
 from app.httpapi import serve
-from app.metrics import Metrics
+from app.metrics import system as sysmetrics
+from app.metrics.statsd import Metrics
 
 log = logging.getLogger("hongbao.client")
 
@@ -140,7 +141,7 @@ class Agent:
     def spawn_worker(self, child: Child) -> None:
         child.last, child.latency = {}, {}  # a restarted worker starts with no connections
         child.proc = subprocess.Popen(
-            [sys.executable, "-m", "app.client_worker", json.dumps(self.spec(child))],
+            [sys.executable, "-m", "app.client.worker", json.dumps(self.spec(child))],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         gevent.spawn(self.watch_worker, child, child.proc).name = f"watch-p{child.index}"
         log.info("worker p%d pid %d holds users %d-%d", child.index, child.proc.pid,

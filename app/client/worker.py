@@ -1,7 +1,7 @@
 """One client-agent process: up to ~19,000 connections, paced on wall-clock ticks.
 
 Run by the agent (``app.client``), never by hand:
-``python -m app.client_worker '<json spec>'``. The spec names the host's
+``python -m app.client.worker '<json spec>'``. The spec names the host's
 user positions ``[0, n)``, the part ``[begin, end)`` this process owns, the
 server, source addresses and pacing. The parent talks to it through pipes:
 
@@ -40,8 +40,8 @@ import gevent
 from gevent.event import Event
 
 from app import protocol
-from app.client_histogram import Histogram
-from app.client_schedule import clip, tick_span
+from app.client.histogram import Histogram
+from app.client.schedule import clip, tick_span
 from app.protocol import LAYOUTS, Command, ProtocolError, check_header
 from app.reactor import READ, READ_WRITE, Reactor, close_fd, read_some, write_some
 

@@ -43,9 +43,9 @@ from typing import Any
 
 import psutil
 
-from app import netns
-from app.client_histogram import Histogram
-from app.smoke import (
+from app.client.histogram import Histogram
+from app.local import netns
+from app.local.smoke import (
     CLIENT_READY,
     SERVER_READY,
     Service,
@@ -54,11 +54,11 @@ from app.smoke import (
     snapshot,
     stop_services,
 )
-from app.smoke_report import Phase, build_seconds, ledger_check, phase_summary, write_graphs
+from app.local.summary import Phase, build_seconds, ledger_check, phase_summary, write_graphs
 
 log = logging.getLogger("hongbao.scale")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # Connections per source address. connect() searches one half of the port
 # range first for a free 4-tuple to the one server address: measured, a client
 # worker stalled for 10 s at ~14k connections per address on the default range.
@@ -559,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("netns sysctl not set: %s", line)
     argv_inner = [*(argv if argv is not None else sys.argv[1:]), "--netns-name", name,
                   "--run-dir", args.run_dir]
-    cmd = netns.command_in(name, [sys.executable, "-m", "app.bench_scale", *argv_inner])
+    cmd = netns.command_in(name, [sys.executable, "-m", "app.bench.scale", *argv_inner])
     log.info("running inside network namespace %s (deleted afterwards)", name)
     env = {**os.environ, "HONGBAO_TCP_MEM_LIMIT": str(tcp_memory()[1])}
     child = subprocess.Popen(cmd, cwd=ROOT, env=env)

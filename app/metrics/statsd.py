@@ -15,7 +15,7 @@ into the neighbouring point. So every process flushes at the half second,
 counted in [t-1.5, t-0.5) (monitor.report explains how it draws them).
 
 Gauges that summarise the last second (loop lag, GC pause, packets/s) are
-computed by collectors (``add_collector``, see app.sysmetrics) that run
+computed by collectors (``add_collector``, see app.metrics.system) that run
 right before each flush.
 
 Names (all under ``hongbao.``) are documented in README.rst, section

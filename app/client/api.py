@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any
 import gevent
 from gevent import socket
 
-from app.client_schedule import share
+from app.client.schedule import share
 from app.httpapi import Api, HttpError, Request
 
 if TYPE_CHECKING:
-    from app.client import Agent
+    from app.client.agent import Agent
 
 
 def build_api(agent: Agent, token: str = "", allow: Any = ()) -> Api:

@@ -1,6 +1,6 @@
 """What a smoke run saw: per-second records, the per-phase verdict, the table and graphs.
 
-Kept apart from ``app.smoke`` (which starts and drives processes) so this part
+Kept apart from ``app.local.smoke`` (which starts and drives processes) so this part
 is pure data in, data out, and tested without running anything.
 
 Accuracy rule: a phase's steady seconds are its full seconds minus the first
@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from app.client_histogram import Histogram
+from app.client.histogram import Histogram
 
 log = logging.getLogger("hongbao.smoke")
 

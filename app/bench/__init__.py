@@ -1,0 +1,1 @@
+"""Benchmarks that print figures: server costs, client costs, the scale run."""

@@ -1,0 +1,1 @@
+"""The client agent: a master over worker processes that produce exact per-second load."""

@@ -1,0 +1,7 @@
+"""``python -m app.client``: see ``app.client.agent``."""
+
+import sys
+
+from app.client.agent import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""In-process metrics: counters and gauges to statsd (``statsd``), system gauges (``system``)."""

@@ -1,0 +1,8 @@
+"""The wire protocol, sans-IO: ``codec`` (frames <-> bytes) and ``session`` (a connection's rules).
+
+``from app import protocol as p`` gives the codec's names (``p.Command``,
+``p.encode``, ``p.Decoder`` ...).
+"""
+
+from app.protocol.codec import *  # noqa: F403
+from app.protocol.codec import __all__  # noqa: F401

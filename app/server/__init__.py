@@ -1,0 +1,1 @@
+"""The server: a supervisor over SET processes, their ledgers and journals, the control API."""
