@@ -110,7 +110,7 @@ def _fleet(tmp_path_factory, name: str, subnet: str):
                        inventory=inventory / "hosts.yml")
     try:
         started = time.monotonic()
-        test_fleet.up(3)
+        test_fleet.up(clients=2, monitors=0)
         test_fleet.figures = {"up_seconds": round(time.monotonic() - started, 1)}
         test_fleet.source = source
         yield test_fleet
@@ -185,7 +185,7 @@ def _ramp(fleet, qps: int) -> dict:
     play(fleet, "ramp-qps.yml", "-e", f"qps={qps}", "-e", f"ramp_report={report}",
          name=f"ramp-{qps}")
     figures = json.loads(report.read_text())
-    rates = [s["shakes"] for s in figures["seconds"]]
+    rates = figures["served"]
     fleet.figures[f"ramp-{qps}"]["server_per_second"] = rates
     fleet.figures[f"ramp-{qps}"]["client_shares"] = figures["clients"]
     return {"rates": rates, "shares": figures["clients"]}
@@ -263,7 +263,7 @@ def _crash_and_clean(tmp_path, name: str, subnet: str) -> None:
     crashed = Fleet(name=name, subnet=subnet, state_dir=tmp_path / "state",
                     inventory=tmp_path / "inv" / "hosts.yml")
     try:
-        crashed.up(2)
+        crashed.up(clients=1, monitors=0)
         pids = [h.pid for h in crashed.hosts]
         crashed.state_file.unlink()
         Fleet(name=name, subnet=subnet, state_dir=tmp_path / "state",

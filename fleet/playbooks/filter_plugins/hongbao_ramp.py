@@ -53,8 +53,9 @@ def ramp_verdict(server: dict, agents: list[dict], qps: int, first: int, count: 
             failures.append(f"second {s}: p99 {row['p99_ms']} ms over {max_p99_ms} ms")
     column = {key: [r[key] for r in seconds]
               for key in ("served", "answered", "scheduled", "p50_ms", "p99_ms")}
+    worst = max((v for v in column["p99_ms"] if v is not None), default=None)
     return {"qps": qps, "from": first, "allowed": allowed, "seconds": seconds,
-            "ok": not failures, "failures": failures, **column}
+            "ok": not failures, "failures": failures, "p99_max_ms": worst, **column}
 
 
 class FilterModule:
