@@ -261,8 +261,8 @@ class Experiment:
         else:
             result = _failure_lines(ran["output"])
         self.record(name, ran["seconds"], ok, result, verdict=figures)
-        if not ok:
-            raise StepFailed(f"{name}: {figures.get('failures') or result}")
+        if not ok and not figures:
+            raise StepFailed(f"{name}: {result}")
         return figures
 
     def hold(self, qps: int) -> None:
@@ -376,6 +376,8 @@ class Experiment:
             self.load_from = int(time.time())
             per_phase = self.plan.hold + self.plan.verify_seconds + 10
             self.envelopes(per_phase * len(self.plan.rates))
+            # A rate not served fails the experiment at the end: the later
+            # steps still run, so the graphs show what happened.
             for qps in self.plan.rates:
                 self.ramp(qps)
                 self.hold(qps)
@@ -385,6 +387,9 @@ class Experiment:
             with GraphiteTunnel(self) as url:
                 self.compare_graphite(url, before, after)
                 self.report(url)
+            missed = [s.name for s in self.steps if s.name.startswith("ramp-qps") and not s.ok]
+            if missed:
+                raise StepFailed(f"rates not served: {', '.join(missed)}")
         except BaseException as exc:
             error = exc
             raise
