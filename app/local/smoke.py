@@ -23,6 +23,7 @@ import math
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,9 +33,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from app import settings
 from app.local.procs import stop_group
-from app.local.summary import Phase, build_seconds, summarise, write_graphs, write_table
+from app.local.summary import (
+    Phase,
+    build_seconds,
+    summarise,
+    write_graphs,
+    write_seconds,
+    write_table,
+)
 
 log = logging.getLogger("hongbao.smoke")
 
@@ -97,9 +107,43 @@ def stop_services(services: list[Service | None]) -> None:
                 log.exception("stopping %s", service.name)
 
 
+def process_figures(roots: list[int]) -> tuple[float, int]:
+    """(CPU seconds, resident bytes) of the processes ``roots`` and all their children."""
+    cpu, rss = 0.0, 0
+    for pid in roots:
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for proc in procs:
+            try:
+                with proc.oneshot():
+                    times, memory = proc.cpu_times(), proc.memory_info()
+            except psutil.Error:
+                continue
+            cpu += times.user + times.system
+            rss += memory.rss
+    return round(cpu, 3), rss
+
+
+def host_counters() -> dict[str, dict[str, int]]:
+    """This machine's packets and bytes in/out over all interfaces, cumulative.
+
+    The smoke run's simulated hosts share this machine (and its loopback), so
+    the run has one host to show: the one the server and the clients run on.
+    """
+    c = psutil.net_io_counters()
+    return {socket.gethostname(): {"packets_in": c.packets_recv, "packets_out": c.packets_sent,
+                                   "bytes_in": c.bytes_recv, "bytes_out": c.bytes_sent}}
+
+
 def snapshot(server_api: str, polled: dict[int, dict[str, Any]], phases: list[Phase],
-             now: float, timeout: float = 10.0) -> tuple[dict, dict, Phase | None] | None:
-    """Record the server's cumulative ledger and connections for second ``now``.
+             now: float, timeout: float = 10.0, server_pid: int | None = None,
+             client_pids: tuple[int, ...] = ()) -> tuple[dict, dict, Phase | None] | None:
+    """Record second ``now``: the server's cumulative ledger and connections, and
+    (with the PIDs) CPU seconds and resident memory of both ends and the host's
+    packet counters, for the per-second records.
 
     Returns (stats, the last complete second's row, its phase), or None when
     /stats failed: a missed snapshot is covered by the next one.
@@ -109,8 +153,13 @@ def snapshot(server_api: str, polled: dict[int, dict[str, Any]], phases: list[Ph
     except (OSError, ValueError) as exc:
         log.warning("server /stats failed: %s", exc)
         return None
-    polled[int(now)] = {"connections": stats["connections"], "ledger": stats["ledger"],
-                        "group": stats["group"]}
+    record = {"connections": stats["connections"], "ledger": stats["ledger"],
+              "group": stats["group"], "time": time.time(), "net": host_counters()}
+    if server_pid is not None:
+        record["server_cpu_seconds"], record["server_rss_bytes"] = process_figures([server_pid])
+        record["client_cpu_seconds"], record["client_rss_bytes"] = process_figures(
+            list(client_pids))
+    polled[int(now)] = record
     last = stats["per_second"][-1] if stats["per_second"] else {"second": 0, "shakes": 0}
     phase = next((p for p in phases if p.start <= last["second"] < p.end), None)
     return stats, last, phase
@@ -146,6 +195,8 @@ class Smoke:
     def start_server(self) -> None:
         c = self.config
         budget = max(100_000, c.qps * 2)  # the smoke measures accuracy, not overload
+        if c.sources.get("shake_budget") != "default":  # asked for: a server slower than the rate
+            budget = c.shake_budget
         sets = max(c.sets, math.ceil(c.connections / PER_SET))
         self.config = c.replace(sets=sets)
         self.server = Service("server", [
@@ -250,7 +301,9 @@ class Smoke:
 
     def poll_second(self, now: float) -> None:
         """Snapshot the server's cumulative ledger and connections; print the progress line."""
-        snap = snapshot(self.server_api, self.polled, self.phases, now)
+        snap = snapshot(self.server_api, self.polled, self.phases, now,
+                        server_pid=self.server.proc.pid,
+                        client_pids=tuple(c.proc.pid for c in self.clients))
         if snap is None:
             return
         stats, last, phase = snap
@@ -320,10 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         smoke.stop_all()
-    with open(run_dir / "seconds.jsonl", "w") as fh:
-        for record in seconds:
-            public = {k: v for k, v in record.items() if k != "_hist"}
-            fh.write(json.dumps(public, separators=(",", ":")) + "\n")
+    write_seconds(run_dir, seconds)
     summary = summarise(smoke.config, smoke.phases, seconds, raw, login_seconds,
                         time.time() - began)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
