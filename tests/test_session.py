@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from app import protocol as p
+from tests.fuzz_decoder import feed_all
 
 u32 = st.integers(min_value=0, max_value=p.U32_MAX)
 ts = st.integers(min_value=0, max_value=2**64 - 1)
@@ -34,18 +35,6 @@ def expected_event(frame):
     if mine:
         return p.ClaimAsked(frame.envelope_id, frame.timestamp)
     return p.ClaimRefused(frame.userid, frame.envelope_id, frame.timestamp)
-
-
-def feed_all(session, chunks):
-    """Every event of ``chunks`` fed in order; after a LoggedIn, go on with what followed."""
-    events = []
-    for chunk in chunks:
-        got = session.receive(chunk)
-        while got and type(got[-1]) is p.LoggedIn:
-            events.extend(got)
-            got = session.receive(b"")
-        events.extend(got)
-    return events
 
 
 def stream_of(frames, login=True):
