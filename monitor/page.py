@@ -38,6 +38,7 @@ STYLE = """
  figure { margin: 1.2em 0 2em } img { max-width: 100%; display: block }
  figcaption, .note { color: #555 }
  code { background: #f4f4f4; padding: 0 .2em }
+ .side { display: flex; flex-wrap: wrap; gap: 0 2em } .side h3 { margin-bottom: 0 }
 """
 
 

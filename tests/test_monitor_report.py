@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from monitor import report, views
+from monitor import report, runs, views
 
 T0 = 1_795_600_000
 
@@ -81,7 +81,7 @@ def test_report_from_run_records(tmp_path):
     assert summary["graphs"]["network_bytes"]["series"] == {"box in": 2000, "box out": 2000}
     assert summary["missing"] == []
     # each PNG carries the points it shows
-    assert report.drawn_series(run / "qps.png")["target"] == [
+    assert runs.drawn_series(run / "qps.png")["target"] == [
         (float(r["t"]), float(r["target_qps"])) for r in rows]
     html = (run / "index.html").read_text()
     for p in paths[:-1]:
