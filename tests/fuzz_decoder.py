@@ -77,5 +77,8 @@ if __name__ == "__main__":
     with atheris.instrument_imports(include=["app.protocol"]):
         import importlib
 
-        importlib.reload(p)  # re-import under instrumentation: coverage of the codec
+        from app.protocol import codec
+
+        importlib.reload(codec)  # re-import under instrumentation: coverage of the codec
+        importlib.reload(p)  # the package's names now point at the instrumented codec
     main()

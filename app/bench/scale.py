@@ -42,6 +42,8 @@ from typing import Any
 
 import psutil
 
+from app.bench import floor
+from app.bench.cpu import cpu_seconds, machine_busy, rss_bytes, tree
 from app.client.histogram import Histogram
 from app.local import netns
 from app.local.runner import LocalFleet, get_json, progress, snapshot
@@ -95,41 +97,6 @@ def tcp_memory() -> tuple[int, int]:
     return used, limit
 
 
-def tree(pid: int) -> list[psutil.Process]:
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def cpu_seconds(procs: list[psutil.Process]) -> float:
-    total = 0.0
-    for proc in procs:
-        try:
-            t = proc.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
-def machine_busy() -> float:
-    """CPU seconds the whole machine spent not idle (all cores)."""
-    t = psutil.cpu_times()
-    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
-
-
-def rss_bytes(procs: list[psutil.Process]) -> int:
-    total = 0
-    for proc in procs:
-        try:
-            total += proc.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
 class ScaleRun:
     """One run: its processes, what it measured, and why it stopped."""
 
@@ -159,7 +126,7 @@ class ScaleRun:
         a = self.args
         self.fleet.start_hosts(a.connections, a.hosts, ADDRESS_CONNECTIONS, "scale",
                                nice=a.client_nice, timeout=120, pacing=a.pacing,
-                               connect_rate=max(1, a.connect_rate // a.hosts))
+                               ticks=a.ticks, connect_rate=max(1, a.connect_rate // a.hosts))
 
     def server_procs(self) -> list[psutil.Process]:
         server = self.fleet.server
@@ -361,6 +328,62 @@ class ScaleRun:
         }
 
 
+def run_floor(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    """The same connections and phases through the C floor, before hongbao starts."""
+    seconds = args.floor_seconds or min(args.phase_seconds, 20)
+    log.info("floor: %d connections, phases %s, %d s each", args.connections, args.phases,
+             seconds)
+    try:
+        return floor.measure(out_dir, args.connections, args.hosts, args.phases, seconds,
+                             args.ticks)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        log.warning("floor run failed: %s", exc)
+        return {"kind": f"failed: {exc}", "phases": []}
+
+
+def attach_floor(result: dict[str, Any]) -> None:
+    """Give each phase row the floor's CPU per request and hongbao's multiple of it."""
+    floors = {r["target"]: r for r in (result.get("floor") or {}).get("phases", [])}
+    for row in result.get("phases", []):
+        fl = floors.get(row["target"])
+        if not fl or "server_cpu_us_per_request" not in row:
+            continue
+        floor_total = fl["server_cpu_us_per_request"] + fl["client_cpu_us_per_request"]
+        total = row["server_cpu_us_per_request"] + row["client_cpu_us_per_request"]
+        row["floor_server_cpu_us_per_request"] = fl["server_cpu_us_per_request"]
+        row["floor_client_cpu_us_per_request"] = fl["client_cpu_us_per_request"]
+        row["floor_ratio"] = round(total / floor_total, 2) if floor_total else None
+
+
+def floor_lines(result: dict[str, Any]) -> list[str]:
+    """The floor's rows and hongbao's CPU per request as a multiple of it."""
+    fl = result.get("floor")
+    if not fl:
+        return []
+    lines = ["", f"floor, same traffic in this run: {fl['kind']}"
+                 + (f", {fl['processes']['servers']} server + {fl['processes']['clients']} "
+                    f"client processes, logged in in {fl['login_seconds']} s"
+                    if "processes" in fl else "")]
+    head = ("target", "arrival±2%", "answer±2%", "p50", "p99", "srv µs/req", "cli µs/req",
+            "box CPU%", "hongbao/floor")
+    fmt = "{:>8}{:>12}{:>11}{:>8}{:>8}{:>12}{:>12}{:>10}{:>15}"
+    lines.append(fmt.format(*head))
+    ours = {r["target"]: r for r in result.get("phases", [])}
+    for r in fl["phases"]:
+        ratio = ours.get(r["target"], {}).get("floor_ratio")
+        ratio = "-" if ratio is None else f"{ratio:.2f}x"
+
+        def pct(key: str, row: dict[str, Any] = r) -> str:
+            return "-" if row.get(key) is None else f"{100 * row[key]:.0f}%"
+
+        lines.append(fmt.format(r["target"], pct("server_arrival_within"),
+                                pct("client_answered_within"), r.get("latency_p50_ms", "-"),
+                                r.get("latency_p99_ms", "-"), r["server_cpu_us_per_request"],
+                                r["client_cpu_us_per_request"], r.get("machine_cpu_percent", "-"),
+                                ratio))
+    return lines
+
+
 def print_table(result: dict[str, Any]) -> str:
     f = result
     lines = [f"hongbao scale: {f['target_connections']} connections target on {f['hosts']} "
@@ -398,6 +421,7 @@ def print_table(result: dict[str, Any]) -> str:
             r.get("client_cpu_percent", "-"), r.get("machine_cpu_percent", "-"),
             r.get("loop_lag_max_ms", "-"),
             r.get("gc_pause_max_ms", "-")))
+    lines += floor_lines(f)
     ledger = f.get("ledger", {})
     lines += ["", f"ledger balanced: {ledger.get('balanced')}  generated "
                   f"{ledger.get('generated')} granted {ledger.get('granted')} waiting "
@@ -425,6 +449,8 @@ def inner(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, terminate)
     code = 0
     try:
+        if args.floor != "no" and args.phases:
+            result["floor"] = run_floor(args, run_dir / "floor")
         run.start_server()
         result["sets"] = run.sets
         time.sleep(1.0)
@@ -462,6 +488,7 @@ def inner(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         run.fleet.stop()
     result.update(run.figures)
+    attach_floor(result)
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     if (run_dir / "seconds.jsonl").exists():
         try:
@@ -492,6 +519,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--client-nice", type=int, default=10,
                         help="nice value of the co-located client agents (0: none)")
     parser.add_argument("--netns", choices=("auto", "yes", "no"), default="auto")
+    parser.add_argument("--floor", choices=("auto", "no"), default="auto",
+                        help="first run the same traffic through the C floor (app/bench/floor.c; "
+                             "the syscall floor without a compiler)")
+    parser.add_argument("--floor-seconds", type=int, default=0,
+                        help="seconds per floor phase (0: the phase length, at most 20)")
+    parser.add_argument("--ticks", type=int, default=int(os.environ.get("HONGBAO_TICKS", "100")),
+                        help="pacing ticks per second, of the clients and of the floor "
+                             "(default HONGBAO_TICKS or 100)")
     parser.add_argument("--run-dir", default="")
     parser.add_argument("--netns-name", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

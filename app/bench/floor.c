@@ -1,0 +1,442 @@
+/* The floor: a minimal server and client doing the scale bench's traffic in C.
+ *
+ * Why: timing on a shared two-core box moves by tens of percent from run to
+ * run, so hongbao's CPU per request is only meaningful next to what the same
+ * traffic costs a program with no Python, no gevent and no logic, measured in
+ * the same run. Compiled by app/bench/floor.py at bench time (cc -O2).
+ *
+ *   floor server PORT OUT
+ *       one epoll process (run ~1 per 19,500 connections, SO_REUSEPORT on
+ *       PORT); answers LOGIN with LOGIN_RESULT ok and SHAKE with SHAKE_RESULT
+ *       "none left"; one read and at most one write per ready socket. On
+ *       SIGTERM writes "second shakes" lines (by arrival) to OUT and exits.
+ *   floor client PORT SOURCES FIRST COUNT TICKS RATE PROCS INDEX OUT
+ *       COUNT connections (users FIRST..), source addresses SOURCES (comma
+ *       separated, IP_BIND_ADDRESS_NO_PORT), at most RATE new attempts a
+ *       second; prints "ready N" once all are logged in. Then reads one line
+ *       "START QPS SECONDS [QPS SECONDS ...]" (fleet-wide QPS; this process
+ *       sends share INDEX of PROCS) and sends, in TICKS wall-clock ticks a
+ *       second, one write per request, the rotating window of the scheduler.
+ *       At the end writes one JSON line per second to OUT: sent, answered
+ *       (by answer second) and the latency histogram in app.client.histogram's
+ *       buckets, then exits (SO_LINGER 0: no TIME_WAIT left behind).
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/timerfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef IP_BIND_ADDRESS_NO_PORT
+#define IP_BIND_ADDRESS_NO_PORT 24
+#endif
+
+#define MAX_SECONDS 7200
+#define BUCKETS 256
+#define BATCH 1024
+#define MAX_IN_FLIGHT 1000
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void put16(unsigned char *p, unsigned v) { p[0] = v >> 8; p[1] = v; }
+static void put32(unsigned char *p, uint32_t v) {
+    p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = v;
+}
+static void put64(unsigned char *p, uint64_t v) { put32(p, v >> 32); put32(p + 4, (uint32_t)v); }
+static unsigned get16(const unsigned char *p) { return (p[0] << 8) | p[1]; }
+static uint32_t get32(const unsigned char *p) {
+    return ((uint32_t)p[0] << 24) | (p[1] << 16) | (p[2] << 8) | p[3];
+}
+
+static void raise_nofile(void) {
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+}
+
+/* ------------------------------------------------------------------ server */
+
+struct sconn { uint32_t userid; uint8_t inlen; unsigned char in[16]; };
+
+static volatile sig_atomic_t stopping;
+static void on_term(int sig) { (void)sig; stopping = 1; }
+
+static int server(int port, const char *out) {
+    raise_nofile();
+    struct rlimit rl;
+    getrlimit(RLIMIT_NOFILE, &rl);
+    size_t cap = rl.rlim_cur;
+    struct sconn *conns = calloc(cap, sizeof *conns);
+    static long arrivals[MAX_SECONDS];
+    long base = (long)now_s();
+    signal(SIGTERM, on_term);
+
+    int lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    int one = 1;
+    setsockopt(lfd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
+    setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (bind(lfd, (struct sockaddr *)&a, sizeof a) || listen(lfd, 65535)) {
+        perror("floor server: bind/listen");
+        return 1;
+    }
+    int ep = epoll_create1(0);
+    struct epoll_event ev = {.events = EPOLLIN, .data.fd = lfd};
+    epoll_ctl(ep, EPOLL_CTL_ADD, lfd, &ev);
+    printf("listening\n");
+    fflush(stdout);
+
+    struct epoll_event events[BATCH];
+    unsigned char inb[4096], outb[4096 / 16 * 28 + 28];
+    while (!stopping) {
+        int n = epoll_wait(ep, events, BATCH, 500);
+        if (n < 0) continue;  /* EINTR: the loop checks stopping */
+        long sec = (long)now_s() - base;
+        for (int i = 0; i < n; i++) {
+            int fd = events[i].data.fd;
+            if (fd == lfd) {
+                int c;
+                while ((c = accept4(lfd, NULL, NULL, SOCK_NONBLOCK)) >= 0) {
+                    if ((size_t)c >= cap) { close(c); continue; }
+                    setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+                    conns[c].inlen = 0;
+                    struct epoll_event cev = {.events = EPOLLIN, .data.fd = c};
+                    epoll_ctl(ep, EPOLL_CTL_ADD, c, &cev);
+                }
+                continue;
+            }
+            struct sconn *s = &conns[fd];
+            ssize_t got = read(fd, inb + s->inlen, sizeof inb - s->inlen);
+            if (got <= 0) {
+                if (got < 0 && errno == EAGAIN) continue;
+                close(fd);
+                continue;
+            }
+            memcpy(inb, s->in, s->inlen);
+            size_t len = s->inlen + got, off = 0, w = 0;
+            int bad = 0;
+            while (len - off >= 4) {
+                unsigned flen = get16(inb + off), cmd = get16(inb + off + 2);
+                if (flen < 16 || flen > 64) { bad = 1; break; }
+                if (len - off < flen) break;
+                if (cmd == 0) {  /* LOGIN */
+                    s->userid = get32(inb + off + 12);
+                    put16(outb + w, 20); put16(outb + w + 2, 1); put64(outb + w + 4, sec + base);
+                    put32(outb + w + 12, s->userid); put32(outb + w + 16, 0);
+                    w += 20;
+                } else if (cmd == 2) {  /* SHAKE */
+                    if (sec >= 0 && sec < MAX_SECONDS) arrivals[sec]++;
+                    put16(outb + w, 28); put16(outb + w + 2, 3); put64(outb + w + 4, sec + base);
+                    put32(outb + w + 12, s->userid); put32(outb + w + 16, 15);
+                    put32(outb + w + 20, 0); put32(outb + w + 24, 0);
+                    w += 28;
+                }
+                off += flen;
+            }
+            if (bad) { close(fd); continue; }
+            s->inlen = len - off;
+            memcpy(s->in, inb + off, s->inlen);
+            if (w && write(fd, outb, w) < 0 && errno != EAGAIN) close(fd);
+        }
+    }
+    FILE *f = fopen(out, "w");
+    if (!f) return 1;
+    for (int i = 0; i < MAX_SECONDS; i++)
+        if (arrivals[i]) fprintf(f, "%ld %ld\n", base + i, arrivals[i]);
+    fclose(f);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ client */
+
+enum { DOWN, CONNECTING, LOGGING_IN, READY };
+
+struct cconn {
+    int fd;
+    uint8_t state, inlen;
+    uint16_t nout;  /* SHAKEs unanswered */
+    double t0;  /* send time of the oldest unanswered SHAKE */
+    unsigned char in[28];
+};
+
+struct second { long sent, answered; uint32_t hist[BUCKETS]; };
+
+static int bucket(long us) {
+    if (us < 16) return us < 0 ? 0 : (int)us;
+    int bits = 64 - __builtin_clzl((unsigned long)us);
+    int shift = bits - 3 - 1;
+    int b = 8 + shift * 8 + (int)((us >> shift) & 7);
+    return b < BUCKETS ? b : BUCKETS - 1;
+}
+
+static struct sockaddr_in server_addr;
+static struct in_addr *sources;
+static int nsources;
+static int ep;
+static struct cconn *cc;
+static int *conn_of_fd;
+static long count, first_user, ready, in_flight;
+
+static void client_close(long i) {
+    struct cconn *c = &cc[i];
+    if (c->fd >= 0) {
+        conn_of_fd[c->fd] = -1;
+        close(c->fd);
+    }
+    if (c->state == READY) ready--;
+    if (c->state == CONNECTING || c->state == LOGGING_IN) in_flight--;
+    c->fd = -1;
+    c->state = DOWN;
+    c->nout = 0;
+    c->inlen = 0;
+}
+
+static int client_connect(long i) {
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    if (fd < 0) return -1;
+    int one = 1;
+    struct linger lg = {1, 0};
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    if (nsources) {
+        setsockopt(fd, SOL_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+        struct sockaddr_in src = {.sin_family = AF_INET, .sin_addr = sources[i % nsources]};
+        if (bind(fd, (struct sockaddr *)&src, sizeof src)) { close(fd); return -1; }
+    }
+    if (connect(fd, (struct sockaddr *)&server_addr, sizeof server_addr) && errno != EINPROGRESS) {
+        close(fd);
+        return -1;
+    }
+    cc[i].fd = fd;
+    cc[i].state = CONNECTING;
+    conn_of_fd[fd] = (int)i;
+    in_flight++;
+    struct epoll_event ev = {.events = EPOLLOUT | EPOLLIN, .data.fd = fd};
+    epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
+    return 0;
+}
+
+static struct second *secs;
+static long sec_base;
+
+static struct second *sec_at(long t) {
+    long k = t - sec_base;
+    return k >= 0 && k < MAX_SECONDS ? &secs[k] : NULL;
+}
+
+static void client_read(long i, double now) {
+    struct cconn *c = &cc[i];
+    unsigned char buf[4096 + 28];
+    memcpy(buf, c->in, c->inlen);
+    ssize_t got = read(c->fd, buf + c->inlen, 4096);
+    if (got <= 0) {
+        if (got < 0 && errno == EAGAIN) return;
+        client_close(i);
+        return;
+    }
+    size_t len = c->inlen + got, off = 0;
+    while (len - off >= 4) {
+        unsigned flen = get16(buf + off), cmd = get16(buf + off + 2);
+        if (flen < 12 || flen > 64) { client_close(i); return; }
+        if (len - off < flen) break;
+        if (cmd == 1 && c->state == LOGGING_IN) {
+            c->state = READY;
+            in_flight--;
+            ready++;
+        } else if (cmd == 3) {
+            struct second *s = sec_at((long)now);
+            if (s) {
+                s->answered++;
+                if (c->nout) s->hist[bucket((long)((now - c->t0) * 1e6))]++;
+            }
+            if (c->nout && --c->nout) c->t0 = now;
+        }
+        off += flen;
+    }
+    c->inlen = len - off;
+    memcpy(c->in, buf + off, c->inlen);
+}
+
+static long share(long total, long parts, long index) {
+    return total / parts + (index < total % parts ? 1 : 0);
+}
+
+static int client(int argc, char **argv) {
+    if (argc < 11) return 2;
+    int port = atoi(argv[2]);
+    char *srcs = strdup(argv[3]);
+    first_user = atol(argv[4]);
+    count = atol(argv[5]);
+    int ticks = atoi(argv[6]);
+    double rate = atof(argv[7]);
+    long procs = atol(argv[8]), index = atol(argv[9]);
+    const char *out = argv[10];
+    raise_nofile();
+    struct rlimit rl;
+    getrlimit(RLIMIT_NOFILE, &rl);
+    conn_of_fd = malloc(sizeof(int) * rl.rlim_cur);
+    for (size_t k = 0; k < rl.rlim_cur; k++) conn_of_fd[k] = -1;
+    cc = calloc(count, sizeof *cc);
+    for (long i = 0; i < count; i++) cc[i].fd = -1;
+    sources = calloc(64, sizeof *sources);
+    for (char *tok = strtok(srcs, ","); tok && nsources < 64; tok = strtok(NULL, ","))
+        inet_pton(AF_INET, tok, &sources[nsources++]);
+    server_addr.sin_family = AF_INET;
+    server_addr.sin_port = htons(port);
+    server_addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ep = epoll_create1(0);
+    struct epoll_event events[BATCH];
+
+    /* connect and log in everyone, at most `rate` attempts a second */
+    long next = 0;
+    double tokens = 0, last = now_s(), started = last;
+    while (ready < count) {
+        double t = now_s();
+        tokens += (t - last) * rate;
+        if (tokens > rate / 10 + 1) tokens = rate / 10 + 1;
+        last = t;
+        for (long tries = 0; tokens >= 1 && in_flight < MAX_IN_FLIGHT && tries < count; tries++) {
+            long i = next;
+            next = (next + 1) % count;
+            if (cc[i].state != DOWN) continue;
+            tokens -= 1;
+            client_connect(i);
+        }
+        int n = epoll_wait(ep, events, BATCH, 5);
+        for (int e = 0; e < n; e++) {
+            int fd = events[e].data.fd;
+            long i = conn_of_fd[fd];
+            if (i < 0) continue;
+            struct cconn *c = &cc[i];
+            if (c->state == CONNECTING) {
+                int err = 0;
+                socklen_t el = sizeof err;
+                getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &el);
+                if (err || (events[e].events & (EPOLLERR | EPOLLHUP))) { client_close(i); continue; }
+                unsigned char f[16];
+                put16(f, 16); put16(f + 2, 0); put64(f + 4, (uint64_t)t);
+                put32(f + 12, (uint32_t)(first_user + i));
+                if (write(fd, f, 16) != 16) { client_close(i); continue; }
+                c->state = LOGGING_IN;
+                struct epoll_event ev = {.events = EPOLLIN, .data.fd = fd};
+                epoll_ctl(ep, EPOLL_CTL_MOD, fd, &ev);
+            } else {
+                client_read(i, t);
+            }
+        }
+        if (t - started > 900) { fprintf(stderr, "floor client: login timeout\n"); return 1; }
+    }
+    printf("ready %ld\n", ready);
+    fflush(stdout);
+
+    /* the schedule: START QPS SECONDS ... */
+    char line[4096];
+    if (!fgets(line, sizeof line, stdin)) return 0;
+    long start = 0, qps[64], dur[64];
+    int nph = 0;
+    char *p = line, *e;
+    start = strtol(p, &e, 10);
+    for (p = e; nph < 64; nph++) {
+        qps[nph] = strtol(p, &e, 10);
+        if (e == p) break;
+        p = e;
+        dur[nph] = strtol(p, &e, 10);
+        p = e;
+    }
+    long end = start;
+    for (int k = 0; k < nph; k++) end += dur[k];
+    sec_base = start - 1;
+    secs = calloc(MAX_SECONDS, sizeof *secs);
+
+    int tfd = timerfd_create(CLOCK_REALTIME, TFD_NONBLOCK);
+    struct itimerspec its = {0};
+    its.it_interval.tv_nsec = 1000000000L / ticks;
+    its.it_value.tv_sec = start;
+    timerfd_settime(tfd, TFD_TIMER_ABSTIME, &its, NULL);
+    struct epoll_event tev = {.events = EPOLLIN, .data.fd = -2 - tfd};
+    epoll_ctl(ep, EPOLL_CTL_ADD, tfd, &tev);
+    long last_tick = start * ticks - 1;
+    unsigned char frame[16];
+    put16(frame, 16); put16(frame + 2, 2);
+    long n_host = count;  /* this process's users are its own window */
+    while (1) {
+        int n = epoll_wait(ep, events, BATCH, 1000);
+        double t = now_s();
+        for (int k = 0; k < n; k++) {
+            int fd = events[k].data.fd;
+            if (fd <= -2) {
+                uint64_t expirations;
+                if (read(tfd, &expirations, sizeof expirations) < 0) continue;
+                long current = (long)(t * ticks);
+                for (long tick = last_tick + 1; tick <= current; tick++) {
+                    long second = tick / ticks, kk = tick % ticks, q = 0;
+                    long at = start;
+                    for (int ph = 0; ph < nph; ph++) {
+                        if (second >= at && second < at + dur[ph]) q = share(qps[ph], procs, index);
+                        at += dur[ph];
+                    }
+                    if (!q) continue;
+                    long lo = kk * q / ticks, hi = (kk + 1) * q / ticks;
+                    long pos0 = (second * q + lo) % n_host;
+                    struct second *s = sec_at(second);
+                    put64(frame + 4, (uint64_t)second);
+                    for (long j = 0; j < hi - lo; j++) {
+                        long i = (pos0 + j) % n_host;
+                        struct cconn *c = &cc[i];
+                        if (c->state != READY) continue;
+                        put32(frame + 12, (uint32_t)(first_user + i));
+                        if (write(c->fd, frame, 16) != 16) continue;
+                        if (!c->nout++) c->t0 = t;
+                        if (s) s->sent++;
+                    }
+                }
+                last_tick = current;
+                continue;
+            }
+            long i = conn_of_fd[fd];
+            if (i >= 0) client_read(i, t);
+        }
+        if (t > end + 2) break;
+    }
+    FILE *f = fopen(out, "w");
+    if (!f) return 1;
+    for (long k = 0; k < MAX_SECONDS; k++) {
+        struct second *s = &secs[k];
+        if (!s->sent && !s->answered) continue;
+        fprintf(f, "{\"t\":%ld,\"sent\":%ld,\"answered\":%ld,\"hist\":{", sec_base + k, s->sent,
+                s->answered);
+        int comma = 0;
+        for (int b = 0; b < BUCKETS; b++)
+            if (s->hist[b]) { fprintf(f, "%s\"%d\":%u", comma ? "," : "", b, s->hist[b]); comma = 1; }
+        fprintf(f, "}}\n");
+    }
+    fclose(f);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc >= 4 && !strcmp(argv[1], "server")) return server(atoi(argv[2]), argv[3]);
+    if (argc >= 2 && !strcmp(argv[1], "client")) return client(argc, argv);
+    fprintf(stderr, "usage: floor server PORT OUT | floor client PORT SOURCES FIRST COUNT "
+                    "TICKS RATE PROCS INDEX OUT\n");
+    return 2;
+}

@@ -1,0 +1,245 @@
+"""The floor of the scale bench: the same traffic through a minimal C server and client.
+
+Why: CPU per request on a shared two-core machine moves by tens of percent
+between runs, so the bench judges hongbao against what the same traffic
+costs programs with no Python and no logic, measured in the same run:
+``floor.c`` compiled here with ``cc -O2`` into the run directory. The
+layout mirrors the real run: one server process per ``SERVER_CONNECTIONS``
+connections sharing the port with SO_REUSEPORT, each simulated host's users
+split over as many client processes as the agent would start, the same
+ticks a second, one write per request, source addresses with
+IP_BIND_ADDRESS_NO_PORT. It runs before hongbao's processes start (never
+both at once) and leaves no TIME_WAIT behind (its clients reset on exit).
+
+Without a C compiler the bench falls back to the syscall floor
+(``app.bench.server.syscall_floor``): one read and one write per request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from app.bench.cpu import cpu_seconds, machine_busy
+from app.client.agent import PER_PROCESS
+from app.client.histogram import Histogram
+from app.local.procs import stop_group
+from app.local.summary import REQUIRED, TOLERANCE
+
+log = logging.getLogger("hongbao.floor")
+
+SOURCE = Path(__file__).with_name("floor.c")
+SERVER_CONNECTIONS = 19_500  # per server process, as the issue's reference measurement
+ADDRESS_CONNECTIONS = 10_000  # per source address (the scale bench's figure)
+CONNECT_RATE = 20_000  # attempts a second over all floor clients
+
+
+def compile_floor(out_dir: Path) -> Path | None:
+    """``floor.c`` built into ``out_dir``; None when there is no C compiler."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return None
+    binary = out_dir / "floor"
+    done = subprocess.run([cc, "-O2", "-o", str(binary), str(SOURCE)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        log.warning("floor.c did not compile (%s): %s", cc, done.stderr.strip()[-500:])
+        return None
+    return binary
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def client_layout(connections: int, hosts: int) -> list[tuple[int, int]]:
+    """``(first userid, count)`` per client process: each host split as the agent splits it."""
+    out = []
+    for k in range(hosts):
+        first = 1 + k * connections // hosts
+        n = (k + 1) * connections // hosts - first + 1
+        parts = max(1, math.ceil(n / PER_PROCESS))
+        out += [(first + i * n // parts, (i + 1) * n // parts - i * n // parts)
+                for i in range(parts)]
+    return [(f, n) for f, n in out if n > 0]
+
+
+def within_share(counts: dict[int, int], seconds: range, target: int) -> float:
+    """Share of ``seconds`` whose count is within ±2% of ``target``."""
+    return sum(abs(counts.get(t, 0) - target) <= TOLERANCE * target
+               for t in seconds) / max(1, len(seconds))
+
+
+class FloorRun:
+    """One floor run: start, log everyone in, run the phases, read the figures."""
+
+    def __init__(self, binary: Path, run_dir: Path, connections: int, hosts: int,
+                 ticks: int) -> None:
+        self.binary, self.dir = binary, run_dir
+        self.connections, self.hosts, self.ticks = connections, hosts, ticks
+        self.servers: list[psutil.Popen] = []
+        self.clients: list[psutil.Popen] = []
+        self.figures: dict[str, Any] = {}
+
+    def _spawn(self, args: list[str], log_name: str) -> psutil.Popen:
+        with open(self.dir / log_name, "w") as err:
+            return psutil.Popen([str(self.binary), *args], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=err, text=True,
+                                start_new_session=True)
+
+    def start(self, connect_timeout: float) -> None:
+        port = free_port()
+        n_servers = max(1, math.ceil(self.connections / SERVER_CONNECTIONS))
+        for k in range(n_servers):
+            proc = self._spawn(["server", str(port), str(self.dir / f"server{k}.txt")],
+                               f"server{k}.log")
+            self.servers.append(proc)
+            if proc.stdout.readline().strip() != "listening":
+                raise RuntimeError(f"floor server {k} did not start (see {self.dir})")
+        layout = client_layout(self.connections, self.hosts)
+        rate = max(1, CONNECT_RATE // len(layout))
+        started = time.time()
+        for g, (first, n) in enumerate(layout):
+            addresses = max(1, math.ceil(n / ADDRESS_CONNECTIONS))
+            # 127.200+ never meets the scale run's 127.1+ sources
+            sources = ",".join(f"127.{200 + g // 250}.{g % 250}.{i + 1}"
+                               for i in range(addresses))
+            self.clients.append(self._spawn(
+                ["client", str(port), sources, str(first), str(n), str(self.ticks), str(rate),
+                 str(len(layout)), str(g), str(self.dir / f"client{g}.jsonl")],
+                f"client{g}.log"))
+        for g, proc in enumerate(self.clients):
+            # readline blocks; the clients' own 900 s login limit bounds it
+            line = proc.stdout.readline().strip()
+            if not line.startswith("ready"):
+                raise RuntimeError(f"floor client {g} did not log in (see {self.dir})")
+            if time.time() - started > connect_timeout:
+                raise RuntimeError(f"floor clients took over {connect_timeout} s to log in")
+        self.figures["login_seconds"] = round(time.time() - started, 1)
+        self.figures["processes"] = {"servers": len(self.servers), "clients": len(self.clients)}
+
+    def run_phases(self, phases: list[int], seconds: int) -> list[tuple[int, int, int]]:
+        """Run every phase; return ``(qps, first second, end second)`` of each."""
+        start = int(time.time()) + 2
+        plan = " ".join(f"{q} {seconds}" for q in phases)
+        for proc in self.clients:
+            proc.stdin.write(f"{start} {plan}\n")
+            proc.stdin.flush()
+        spans, at = [], start
+        for q in phases:
+            spans.append((q, at, at + seconds))
+            at += seconds
+        marks: dict[int, tuple[float, float, float, float]] = {}
+        for q, first, end in spans:  # CPU over each phase from its second second to its end
+            for when in (first + 1, end):
+                time.sleep(max(0.0, when - time.time()))
+                marks[when] = (time.time(), cpu_seconds(self.servers),
+                               cpu_seconds(self.clients), machine_busy())
+            self.figures.setdefault("cpu", {})[q] = (marks[first + 1], marks[end])
+        for proc in self.clients:
+            proc.wait(timeout=60)
+        return spans
+
+    def stop(self) -> None:
+        for proc in [*self.clients, *self.servers]:
+            stop_group(proc, timeout=10, name="floor")
+
+    def summarise(self, spans: list[tuple[int, int, int]]) -> list[dict[str, Any]]:
+        arrival: dict[int, int] = {}
+        for path in self.dir.glob("server*.txt"):
+            for line in path.read_text().split("\n"):
+                if line:
+                    t, n = map(int, line.split())
+                    arrival[t] = arrival.get(t, 0) + n
+        answered: dict[int, int] = {}
+        hists: dict[int, Histogram] = {}
+        for path in self.dir.glob("client*.jsonl"):
+            for line in path.read_text().split("\n"):
+                if not line:
+                    continue
+                rec = json.loads(line)
+                answered[rec["t"]] = answered.get(rec["t"], 0) + rec["answered"]
+                hists.setdefault(rec["t"], Histogram()).merge(rec["hist"])
+        rows = []
+        for q, first, end in spans:
+            steady = range(first + 1, end)
+            hist = Histogram()
+            for t in range(first, end):
+                hist.merge(hists.get(t, Histogram()))
+            start_mark, end_mark = self.figures["cpu"][q]
+            elapsed = end_mark[0] - start_mark[0]
+            window = range(int(start_mark[0]), int(end_mark[0]))
+            served = sum(answered.get(t, 0) for t in window) or 1
+            server_within = within_share(arrival, steady, q)
+            client_within = within_share(answered, steady, q)
+            rows.append({
+                "target": q,
+                "server_arrival_within": server_within, "client_answered_within": client_within,
+                "passed": (min(server_within, client_within) >= REQUIRED
+                           and (hist.percentile(99) or 0) < 100),
+                "latency_p50_ms": hist.percentile(50), "latency_p99_ms": hist.percentile(99),
+                "server_cpu_us_per_request": round((end_mark[1] - start_mark[1]) / served * 1e6, 1),
+                "client_cpu_us_per_request": round((end_mark[2] - start_mark[2]) / served * 1e6, 1),
+                "machine_cpu_percent": round(100 * (end_mark[3] - start_mark[3]) / elapsed
+                                             / (os.cpu_count() or 1)),
+            })
+        return rows
+
+
+def measure(run_dir: Path, connections: int, hosts: int, phases: list[int], seconds: int,
+            ticks: int, connect_timeout: float = 600) -> dict[str, Any]:
+    """The floor's figures for this traffic, or the syscall floor without a compiler."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    binary = compile_floor(run_dir)
+    if binary is None:
+        from app.bench.server import syscall_floor
+
+        per = syscall_floor()["cpu_us_per_shake"]
+        return {"kind": "syscall floor (no C compiler)",
+                "phases": [{"target": q, "server_cpu_us_per_request": per,
+                            "client_cpu_us_per_request": per} for q in phases]}
+    run = FloorRun(binary, run_dir, connections, hosts, ticks)
+    try:
+        run.start(connect_timeout)
+        spans = run.run_phases(phases, seconds)
+    finally:
+        run.stop()
+    rows = run.summarise(spans)
+    return {"kind": "C epoll floor (app/bench/floor.c)",
+            **{k: v for k, v in run.figures.items() if k != "cpu"}, "phases": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m app.bench.floor``: the floor alone, for comparing runs by hand."""
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--connections", type=int, default=20_000)
+    parser.add_argument("--hosts", type=int, default=3)
+    parser.add_argument("--phases", default="3000")
+    parser.add_argument("--phase-seconds", type=int, default=10)
+    parser.add_argument("--ticks", type=int, default=100)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="floor-") as tmp:
+        result = measure(Path(tmp), args.connections, args.hosts,
+                         [int(q) for q in args.phases.split(",")], args.phase_seconds,
+                         args.ticks)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
