@@ -36,7 +36,7 @@ def stop_group(target: subprocess.Popen | int, timeout: float = 10.0,
     Returns our child's exit status (None if it could not be reaped, or for a
     PID that is not our child). Safe to call twice.
     """
-    proc = target if isinstance(target, subprocess.Popen) else None
+    proc = None if isinstance(target, int) else target  # a Popen (or psutil.Popen)
     pid = proc.pid if proc is not None else int(target)
     if proc.poll() is None if proc is not None else _running(pid):
         try:
