@@ -1,8 +1,9 @@
-"""The classic graphs of a load test as PNGs plus a one-page HTML summary.
+"""A run's report: one HTML page, verdict first, then the classic graphs as PNGs.
 
 How to run::
 
-    python -m monitor.report --run runs/smoke-20261125-1830          # the run's window
+    python -m monitor.report --run runs/20261125-183000              # the run's window
+    python -m monitor.report --compare runs/A runs/B                  # two runs side by side
     python -m monitor.report --run DIR --graphite http://127.0.0.1:8180
     python -m monitor.report --run DIR --from 2026-11-25T18:30:00 --until 2026-11-25T18:40:00
     python -m monitor.report --run DIR --from -15min                  # ends now
@@ -12,7 +13,10 @@ HONGBAO_GRAPHITE_URL (``make smoke`` sets it when the stack is up), else
 (command line only) the stack that ``python -m monitor.stack up`` started --
 otherwise the run's own per-second records, ``DIR/seconds.jsonl``. Both sources are drawn by
 the same code from the same table (monitor.views), so the graphs compare.
-With Graphite, the report also saves graphite-web's own PNG of the QPS view
+The page (monitor.page) opens with the run's verdict and phase table from its
+``summary.json`` (smoke) or ``result.json`` (scale bench), and needs nothing
+but the run directory: it opens from a copy, offline. With Graphite, the
+report also saves graphite-web's own PNG of the QPS view
 (``graphite-qps.png``: rendered by cairo in the stack).
 
 Time alignment: statsd stamps a flush with its second, and processes flush
@@ -28,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import html
 import itertools
 import json
 import logging
@@ -43,12 +46,14 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from monitor import page
+from monitor.runs import RECORDS, PhaseSpan, finite, load_run
 from monitor.views import VIEWS, View, graphite_urls
 
 log = logging.getLogger("hongbao.report")
 
 GRAPHITE_SHIFT = 2.0  # seconds to subtract from a Graphite timestamp, see above
-RECORDS = "seconds.jsonl"
+SERIES_KEY = "hongbao-series"  # PNG text chunk with the drawn points, for checks
 
 Points = list[tuple[float, float]]  # (epoch second, value), values without gaps
 
@@ -69,20 +74,16 @@ class Drawn:
 # -- sources -----------------------------------------------------------------------------
 
 
-def read_records(run_dir: Path) -> list[dict]:
-    """The run's per-second records, oldest first ([] if there are none)."""
-    path = Path(run_dir) / RECORDS
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue  # a run killed mid-write leaves half a line
-    return sorted((r for r in records if "t" in r), key=lambda r: r["t"])
+def _record_values(record: dict, key: str, subkey: str | None,
+                   per_item: bool) -> dict[str, object]:
+    """{"": value} of one record, or {host: value} for a per-host key."""
+    value = record.get(key)
+    if per_item:
+        items = value if isinstance(value, dict) else {}
+        return {host: v.get(subkey) for host, v in items.items() if isinstance(v, dict)}
+    if subkey is not None:
+        value = value.get(subkey) if isinstance(value, dict) else None
+    return {"": value}
 
 
 def series_from_records(records: list[dict], view: View, start: float = -math.inf,
@@ -92,20 +93,20 @@ def series_from_records(records: list[dict], view: View, start: float = -math.in
     for s in view.series:
         if s.key is None:
             continue
-        points = []
+        lines: dict[str, Points] = {}
         for r in records:
-            value = r.get(s.key)
-            if s.subkey is not None:
-                value = value.get(s.subkey) if isinstance(value, dict) else None
-            if isinstance(value, int | float) and not math.isnan(value):
-                points.append((float(r["t"]), float(value)))
-        if s.cumulative:  # a ledger total each second: draw what changed in that second
-            deltas = [(t, v - before) for (_, before), (t, v) in itertools.pairwise(points)]
-            if all(v >= 0 for _, v in deltas):  # else it was per-second after all
-                points = deltas
-        points = [(t, v) for t, v in points if start <= t <= end]
-        if points:
-            out[s.label] = points
+            for item, value in _record_values(r, s.key, s.subkey, s.per_item).items():
+                if finite(value):
+                    label = f"{item} {s.label}" if item else s.label
+                    lines.setdefault(label, []).append((float(r["t"]), float(value)))
+        for label, points in lines.items():
+            if s.cumulative:  # a running total each second: draw what changed in that second
+                deltas = [(t, v - before) for (_, before), (t, v) in itertools.pairwise(points)]
+                if all(v >= 0 for _, v in deltas):  # else it was per-second after all
+                    points = [(t, round(v, 6)) for t, v in deltas]
+            points = [(t, v * s.scale) for t, v in points if start <= t <= end]
+            if points:
+                out[label] = points
     return out
 
 
@@ -164,20 +165,34 @@ def find_graphite(running: bool = False) -> str | None:
 # -- drawing -----------------------------------------------------------------------------
 
 
-def draw(view: View, series: dict[str, Points], path: Path, subtitle: str) -> None:
-    """One PNG: the view's series over wall-clock time (UTC)."""
+def draw(view: View, series: dict[str, Points], path: Path, subtitle: str,
+         spans: list[PhaseSpan] = (), window: tuple[int, int] | None = None) -> None:
+    """One PNG: the view's series over wall-clock time (UTC), the loaded phases shaded.
+
+    The points drawn are saved in the PNG itself (text chunk ``hongbao-series``),
+    so a check can hold the picture against the run's records.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 4), dpi=100)
+    def when(t: float) -> dt.datetime:
+        return dt.datetime.fromtimestamp(t, dt.UTC)
+
+    dashed = {s.label for s in view.series if s.dashed}
+    fig, ax = plt.subplots(figsize=(10, 3.6), dpi=100)
     try:
+        for span in spans:
+            if span.target:
+                ax.axvspan(when(span.start), when(span.end), color="#888", alpha=0.08, lw=0)
+                ax.annotate(span.name, (when(span.start), 1), xycoords=("data", "axes fraction"),
+                            xytext=(3, -12), textcoords="offset points", fontsize=8,
+                            color="#555")
         for label, points in series.items():
-            xs = [dt.datetime.fromtimestamp(t, dt.UTC) for t, _ in points]
-            style = "--" if label == "target" else "-"
-            ax.plot(xs, [v for _, v in points], style, label=label, linewidth=1.4,
+            ax.plot([when(t) for t, _ in points], [v for _, v in points],
+                    "--" if label in dashed else "-", label=label, linewidth=1.4,
                     drawstyle="steps-post" if view.counts else "default")
         ax.set_title(f"{view.title}\n{subtitle}", fontsize=11)
         ax.set_ylabel(view.ylabel)
@@ -185,12 +200,26 @@ def draw(view: View, series: dict[str, Points], path: Path, subtitle: str) -> No
         ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S", tz=dt.UTC))
         ax.grid(True, alpha=0.3)
         ax.set_ylim(bottom=0)
+        if window is not None:  # every graph of a page on the same time axis
+            ax.set_xlim(when(window[0]), when(window[1] + 1))
         ax.legend(loc="best", fontsize=9)
         fig.autofmt_xdate()
         fig.tight_layout()
-        fig.savefig(path)
+        drawn = {label: [[t, v] for t, v in points] for label, points in series.items()}
+        fig.savefig(path, metadata={SERIES_KEY: json.dumps(drawn, separators=(",", ":"))})
     finally:
         plt.close(fig)
+
+
+def drawn_series(path: Path) -> dict[str, Points]:
+    """The points a PNG written by draw() shows, read back from the file."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        text = image.text.get(SERIES_KEY)
+    if text is None:
+        raise ValueError(f"{path} carries no {SERIES_KEY} chunk")
+    return {label: [(t, v) for t, v in points] for label, points in json.loads(text).items()}
 
 
 def save_graphite_png(url: str, run_dir: Path, start: int, end: int) -> Path | None:
@@ -208,53 +237,6 @@ def save_graphite_png(url: str, run_dir: Path, start: int, end: int) -> Path | N
     return path
 
 
-def write_html(run_dir: Path, drawn: list[Drawn], missing: list[View], source: str,
-               start: int, end: int, extra: list[Path], links: dict[str, str]) -> Path:
-    def when(t: float) -> str:
-        return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-    rows = []
-    for d in drawn:
-        for label in d.series:
-            how = "total" if d.view.counts else "peak"
-            rows.append(f"<tr><td>{html.escape(d.view.title)}</td><td>{html.escape(label)}</td>"
-                        f"<td>{how}</td><td class=n>{d.summary(label):,.6g}</td></tr>")
-    figures = []
-    for d in drawn:
-        link = links.get(d.view.name)
-        live = f' &middot; <a href="{html.escape(link)}">in Graphite</a>' if link else ""
-        figures.append(f'<figure><img src="{d.path.name}" alt="{html.escape(d.view.title)}">'
-                       f"<figcaption>{html.escape(d.view.title)}{live}</figcaption></figure>")
-    for path in extra:
-        figures.append(f'<figure><img src="{path.name}" alt="graphite-web rendering">'
-                       f"<figcaption>graphite-web's own rendering of the QPS view"
-                       f"</figcaption></figure>")
-    absent = ", ".join(html.escape(v.title) for v in missing) or "none"
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<title>hongbao run {html.escape(run_dir.name)}</title>
-<style>
- body {{ font: 14px/1.4 sans-serif; margin: 2em auto; max-width: 1040px; color: #222 }}
- table {{ border-collapse: collapse; margin: 1em 0 }}
- td, th {{ border-bottom: 1px solid #ddd; padding: 3px 10px; text-align: left }}
- td.n {{ text-align: right; font-variant-numeric: tabular-nums }}
- figure {{ margin: 1.5em 0 }} img {{ max-width: 100% }}
- figcaption {{ color: #555 }}
-</style></head><body>
-<h1>hongbao load test: {html.escape(run_dir.name)}</h1>
-<p>{when(start)} &ndash; {when(end)} ({end - start} s). Source: {html.escape(source)}.
-Graphs with no data in this window: {absent}.</p>
-<table><tr><th>graph</th><th>series</th><th></th><th>value</th></tr>
-{chr(10).join(rows)}
-</table>
-{chr(10).join(figures)}
-</body></html>
-"""
-    path = run_dir / "index.html"
-    path.write_text(page)
-    return path
-
-
 # -- the job -----------------------------------------------------------------------------
 
 
@@ -263,7 +245,8 @@ def build_report(run_dir: Path | str, graphite_url: str | None = None,
     """Draw every view that has data; return what was drawn (write_report's worker)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    records = read_records(run_dir)
+    run = load_run(run_dir)
+    records = run.records
     if start is None:
         start = int(records[0]["t"]) if records else int(time.time()) - 900
     if end is None:
@@ -293,7 +276,7 @@ def build_report(run_dir: Path | str, graphite_url: str | None = None,
         if filled:
             source += f"; from {RECORDS}: {', '.join(filled)}"
     else:
-        source = str(run_dir / RECORDS)
+        source = RECORDS  # the run directory's own, named relative to it
         if use_graphite:  # it answered, but nothing of this run was sent to it
             source += f" (Graphite {url} had no data for this window)"
         use_graphite = False
@@ -305,7 +288,8 @@ def build_report(run_dir: Path | str, graphite_url: str | None = None,
             missing.append(view)
             continue
         path = run_dir / f"{view.name}.png"
-        draw(view, series, path, f"{run_dir.name} · {source.split(';')[0]}")
+        draw(view, series, path, f"{run_dir.name} · {source.split(';')[0]}", run.spans,
+             (start, end))
         drawn.append(Drawn(view, path, series))
     extra = []
     links: dict[str, str] = {}
@@ -313,7 +297,8 @@ def build_report(run_dir: Path | str, graphite_url: str | None = None,
         png = save_graphite_png(url, run_dir, start, end)
         extra = [png] if png else []
         links = graphite_urls(url, start - 2, end + 3)
-    write_html(run_dir, drawn, missing, source, start, end, extra, links)
+    page.write_page(run, page.Graphs([(d.view, d.path.name) for d in drawn], missing,
+                                     [p.name for p in extra], links, source, start, end))
     (run_dir / "report.json").write_text(json.dumps({
         "source": source, "filled_from_records": filled, "start": start, "end": end,
         "graphs": {d.view.name: {"png": d.path.name,

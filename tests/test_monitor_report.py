@@ -24,14 +24,19 @@ def write_records(run_dir, seconds: int = 30, skip: tuple[str, ...] = ()) -> lis
     rows = []
     for i in range(seconds):
         q = 1000 if i < seconds // 2 else 2000
-        row = {"t": T0 + i, "client_sent": q, "client_answered": q, "server_shakes": q,
-               "server_by_result": {"14": q // 10, "15": q - q // 10},
-               "connections": 3000,
-               # ledger totals, as app.local.smoke writes them: the report draws their changes
+        row = {"t": T0 + i, "client_sent": q, "client_served": q - 3, "server_served": q - 3,
+               "server_scheduled": q, "server_by_result": {"14": q // 10, "15": q - q // 10 - 3,
+                                                           "17": 3},
+               "connections": 3000, "client_connections": 2990 + i % 2,
+               # ledger and CPU totals, as app.local.smoke writes them: drawn as changes
                "envelopes_generated": 50 * i, "envelopes_granted": 40 * i,
                "group_claimed": 9 * i, "amount_generated": 5000 * i, "amount_granted": 4000 * i,
-               "latency_p50_ms": 0.8, "latency_p99_ms": 3.0 + i % 3, "target_qps": q,
-               "net_pps": 4 * q}
+               "server_cpu_seconds": 0.25 * i, "client_cpu_seconds": 0.5 * i,
+               "server_rss_bytes": 2**20 * (100 + i), "client_rss_bytes": 2**20 * 300,
+               "loop_lag_ms": 1.0 + i % 4, "gc_pause_ms": 0.5,
+               "net": {"box": {"packets_in": 4 * q, "packets_out": 4 * q + 1,
+                               "bytes_in": 2**20 * q, "bytes_out": 2**20 * q}},
+               "latency_p50_ms": 0.8, "latency_p99_ms": 3.0 + i % 3, "target_qps": q}
         rows.append({k: v for k, v in row.items() if k not in skip})
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "seconds.jsonl", "w") as f:
@@ -41,29 +46,43 @@ def write_records(run_dir, seconds: int = 30, skip: tuple[str, ...] = ()) -> lis
     return rows
 
 
+ALL_VIEWS = {f"{v.name}.png" for v in views.VIEWS}
+
+
 def test_report_from_run_records(tmp_path):
     run = tmp_path / "run"
     rows = write_records(run)
     paths = report.write_report(run, graphite_url="http://127.0.0.1:9")  # nobody there
     names = [p.name for p in paths]
     assert names[-1] == "index.html"
-    assert set(names[:-1]) == {"qps.png", "results.png", "connections.png", "envelopes.png",
-                               "amounts.png", "network.png", "latency.png"}
+    assert set(names[:-1]) == ALL_VIEWS
     for p in paths[:-1]:
         assert p.read_bytes().startswith(b"\x89PNG") and p.stat().st_size > 5000
     summary = json.loads((run / "report.json").read_text())
-    assert summary["source"].endswith("seconds.jsonl")
+    assert summary["source"] == "seconds.jsonl"
     assert (summary["start"], summary["end"]) == (T0, T0 + 29)
     qps = summary["graphs"]["qps"]["series"]
-    assert qps["client sent"] == qps["server shakes"] == sum(r["client_sent"] for r in rows)
+    assert qps["server served"] == qps["clients answered"] == sum(
+        r["server_served"] for r in rows)
+    assert qps["scheduled (clients sent)"] == sum(r["client_sent"] for r in rows)
     assert summary["graphs"]["results"]["series"]["14 got an envelope"] == sum(
         r["server_by_result"]["14"] for r in rows)
+    assert summary["graphs"]["results"]["series"]["17 overload"] == 3 * 30
     assert summary["graphs"]["latency"]["series"]["p99"] == 5.0  # a level: the peak
     assert summary["graphs"]["envelopes"]["series"] == {
         "generated": 50 * 29, "granted": 40 * 29, "group claimed": 9 * 29}
     assert summary["graphs"]["amounts"]["series"] == {"generated": 5000 * 29,
                                                       "granted": 4000 * 29}
-    assert summary["missing"] == ["server_health"]
+    assert summary["graphs"]["server_health"]["series"] == {"loop lag": 4.0, "GC pause": 0.5}
+    assert summary["graphs"]["cpu"]["series"] == {"server": 0.25, "clients": 0.5}
+    assert summary["graphs"]["memory"]["series"] == {"server": 129.0, "clients": 300.0}
+    assert summary["graphs"]["connections"]["series"] == {"server": 3000, "clients": 2991}
+    assert summary["graphs"]["network"]["series"] == {"box in": 8000, "box out": 8001}
+    assert summary["graphs"]["network_bytes"]["series"] == {"box in": 2000, "box out": 2000}
+    assert summary["missing"] == []
+    # each PNG carries the points it shows
+    assert report.drawn_series(run / "qps.png")["target"] == [
+        (float(r["t"]), float(r["target_qps"])) for r in rows]
     html = (run / "index.html").read_text()
     for p in paths[:-1]:
         assert f'src="{p.name}"' in html
@@ -71,11 +90,11 @@ def test_report_from_run_records(tmp_path):
 
 def test_missing_keys_are_skipped_and_the_window_is_respected(tmp_path):
     run = tmp_path / "run"
-    write_records(run, skip=("net_pps", "latency_p50_ms", "latency_p99_ms"))
+    write_records(run, skip=("net", "latency_p50_ms", "latency_p99_ms"))
     report.write_report(run, graphite_url="", start=T0 + 10, end=T0 + 19)
     summary = json.loads((run / "report.json").read_text())
-    assert "network" in summary["missing"] and "latency" in summary["missing"]
-    assert summary["graphs"]["qps"]["series"]["client sent"] == 5 * 1000 + 5 * 2000
+    assert {"network", "network_bytes", "latency"} == set(summary["missing"])
+    assert summary["graphs"]["qps"]["series"]["scheduled (clients sent)"] == 5 * 1000 + 5 * 2000
 
 
 def test_no_records_and_no_graphite_gives_an_empty_page_not_an_error(tmp_path):
@@ -131,21 +150,22 @@ def fake_graphite():
 def test_report_from_graphite_shifts_points_and_keeps_record_only_series(tmp_path,
                                                                          fake_graphite):
     qps_view = next(v for v in views.VIEWS if v.name == "qps")
-    FakeGraphite.points = {qps_view.series[0].target: 100.0,
-                           qps_view.series[2].target: 100.0}
+    FakeGraphite.points = {qps_view.series[1].target: 100.0,
+                           qps_view.series[3].target: 100.0}
     run = tmp_path / "run"
     write_records(run, seconds=10)
     report.write_report(run, fake_graphite, start=T0, end=T0 + 9)
     summary = json.loads((run / "report.json").read_text())
     assert summary["source"].startswith(f"Graphite {fake_graphite}; from seconds.jsonl: ")
     assert "connections/server" in summary["filled_from_records"]
-    assert "qps/client sent" not in summary["filled_from_records"]
+    assert "qps/server served" not in summary["filled_from_records"]
+    assert "qps/clients answered" in summary["filled_from_records"]
     series = summary["graphs"]["qps"]["series"]
     # Points stamped t are drawn at t - 2: one per second of the window.
-    assert series["client sent"] == series["server shakes"] == 100.0 * 10
+    assert series["scheduled (clients sent)"] == series["server served"] == 100.0 * 10
     assert series["target"] == 5 * 1000 + 5 * 2000  # only the run records have it
     # Graphite had nothing for the others: the run records fill in.
-    assert summary["graphs"]["connections"]["series"] == {"server": 3000}
+    assert summary["graphs"]["connections"]["series"] == {"server": 3000, "clients": 2991}
     assert summary["graphite_png"] == "graphite-qps.png"
     assert (run / "graphite-qps.png").read_bytes().startswith(b"\x89PNG")
 
@@ -191,7 +211,7 @@ def test_a_per_second_key_declared_cumulative_is_drawn_as_it_is(tmp_path):
 def test_write_report_uses_graphite_only_when_told(tmp_path, fake_graphite, monkeypatch):
     """A run that did not send metrics is not drawn from whatever Graphite holds."""
     qps_view = next(v for v in views.VIEWS if v.name == "qps")
-    FakeGraphite.points = {qps_view.series[0].target: 100.0}
+    FakeGraphite.points = {qps_view.series[1].target: 100.0}
     run = tmp_path / "run"
     write_records(run, seconds=5)
     monkeypatch.delenv("HONGBAO_GRAPHITE_URL", raising=False)

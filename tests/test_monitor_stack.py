@@ -209,8 +209,8 @@ def test_real_load_graphite_matches_server_counts_and_report_draws_it(stack, tmp
     graphs = summary["graphs"]
     assert {"qps", "results", "connections", "envelopes", "amounts", "latency",
             "network", "server_health"} <= set(graphs)
-    assert graphs["qps"]["series"]["server shakes"] == sum(by_result.values())
-    assert graphs["qps"]["series"]["client sent"] == sum(by_result.values())
+    assert graphs["qps"]["series"]["server served"] == by_result["14"] + by_result["15"]
+    assert graphs["qps"]["series"]["scheduled (clients sent)"] == sum(by_result.values())
     assert graphs["connections"]["series"]["server"] == 2000
     assert graphs["network"]["series"]["e2e in"] > 0  # the agent's host, app.metrics.system
     assert graphs["envelopes"]["series"]["generated"] == ledger["generated"]["count"]

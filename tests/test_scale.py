@@ -41,7 +41,7 @@ def test_bounded_scale_run(tmp_path):
     seconds = [json.loads(line) for line in (run_dir / "seconds.jsonl").read_text().splitlines()]
     steady = [r for r in seconds if r["target_qps"] == QPS][1:]
     assert len(steady) >= 6
-    assert [r["server_shakes"] for r in steady] == [QPS] * len(steady)
+    assert [r["server_scheduled"] for r in steady] == [QPS] * len(steady)
     assert [r["client_sent"] for r in steady] == [QPS] * len(steady)
     assert result["errors"].get("client.lost", 0) == 0
     assert "table" not in result and "bytes_per_connection" in result

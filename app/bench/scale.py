@@ -46,8 +46,17 @@ from app.bench import floor
 from app.bench.cpu import cpu_seconds, machine_busy, rss_bytes, tree
 from app.client.histogram import Histogram
 from app.local import netns
-from app.local.runner import LocalFleet, get_json, progress, snapshot
-from app.local.summary import Phase, build_seconds, ledger_check, phase_summary, write_graphs
+from app.local.runner import LocalFleet, get_json, progress
+from app.local.summary import (
+    Phase,
+    build_seconds,
+    ledger_check,
+    phase_summary,
+    verdict,
+    verdict_lines,
+    write_graphs,
+    write_seconds,
+)
 
 log = logging.getLogger("hongbao.scale")
 
@@ -226,7 +235,7 @@ class ScaleRun:
         sys.stderr.write("\n")
 
     def poll_second(self, now: float) -> None:
-        snap = snapshot(self.fleet.server_api, self.polled, self.phases, now, timeout=5)
+        snap = self.fleet.snapshot(self.polled, self.phases, now, timeout=5)
         if snap is None:
             return
         stats, last, phase = snap
@@ -271,10 +280,7 @@ class ScaleRun:
         if self.phases:
             seconds = build_seconds(server, clients, self.polled, self.phases[0].start,
                                     self.phases[-1].end)
-            with open(self.run_dir / "seconds.jsonl", "w") as fh:
-                for record in seconds:
-                    public = {k: v for k, v in record.items() if k != "_hist"}
-                    fh.write(json.dumps(public, separators=(",", ":")) + "\n")
+            write_seconds(self.run_dir, seconds)
             for phase in self.phases:
                 row = phase_summary(phase, seconds)
                 hist = Histogram()
@@ -294,13 +300,15 @@ class ScaleRun:
             for key, value in (c.get("totals") or {}).items():
                 if isinstance(value, int):
                     totals[key] = totals.get(key, 0) + value
+        ledger = ledger_check(server.get("ledger", {}))
         errors = {k: v for k, v in counters.items()
                   if k.startswith(("protocol_error", "close.", "handoff.failed", "accept_"))}
         errors.update({f"client.{k}": totals[k] for k in ("connect_failures", "lost", "errors",
                                                            "reconnects") if k in totals})
         return {
             "phases": rows,
-            "ledger": ledger_check(server.get("ledger", {})),
+            **verdict(rows, ledger),
+            "ledger": ledger,
             "group": server.get("group", {}),
             "loop_lag_max_ms": server.get("loop_lag_max_ms"),
             "gc_pause_max_ms": server.get("gc_pause_max_ms"),
@@ -431,7 +439,8 @@ def print_table(result: dict[str, Any]) -> str:
               *([f"WARNING: only {f.get('sets_up')} of {f.get('sets')} SETs answered the final "
                  "/stats (saturated?): server figures are partial"]
                 if f.get("sets_up") is not None and f.get("sets_up") != f.get("sets") else []),
-              f"run dir: {f['run_dir']}"]
+              f"run dir: {f['run_dir']}",
+              *(verdict_lines(f) if "passed" in f else [])]
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import select
+import socket
 import subprocess
 import sys
 import time
@@ -29,6 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from app.local.procs import stop_group
 
@@ -285,14 +288,55 @@ class LocalFleet:
             time.sleep(1.0)
         return stats
 
+    def snapshot(self, polled: dict[int, dict[str, Any]], phases: list, now: float,
+                 timeout: float = 10.0) -> tuple[dict, dict, Any] | None:
+        """``snapshot`` of this fleet's server, with both ends' CPU and memory."""
+        assert self.server is not None
+        return snapshot(self.server_api, polled, phases, now, timeout, self.server.pid,
+                        tuple(c.pid for c in self.clients))
+
     def client_stats(self, since: int, timeout: float = 10.0) -> list[dict]:
         return [get_json(a, f"/stats?since={since}&hist=1", timeout=timeout, tries=3)
                 for a in self.client_apis]
 
 
+def process_figures(roots: list[int]) -> tuple[float, int]:
+    """(CPU seconds, resident bytes) of the processes ``roots`` and all their children."""
+    cpu, rss = 0.0, 0
+    for pid in roots:
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for proc in procs:
+            try:
+                with proc.oneshot():
+                    times, memory = proc.cpu_times(), proc.memory_info()
+            except psutil.Error:
+                continue
+            cpu += times.user + times.system
+            rss += memory.rss
+    return round(cpu, 3), rss
+
+
+def host_counters() -> dict[str, dict[str, int]]:
+    """This machine's packets and bytes in/out over all interfaces, cumulative.
+
+    The smoke run's simulated hosts share this machine (and its loopback), so
+    the run has one host to show: the one the server and the clients run on.
+    """
+    c = psutil.net_io_counters()
+    return {socket.gethostname(): {"packets_in": c.packets_recv, "packets_out": c.packets_sent,
+                                   "bytes_in": c.bytes_recv, "bytes_out": c.bytes_sent}}
+
+
 def snapshot(server_api: str, polled: dict[int, dict[str, Any]], phases: list,
-             now: float, timeout: float = 10.0) -> tuple[dict, dict, Any] | None:
-    """Record the server's cumulative ledger and connections for second ``now``.
+             now: float, timeout: float = 10.0, server_pid: int | None = None,
+             client_pids: tuple[int, ...] = ()) -> tuple[dict, dict, Any] | None:
+    """Record second ``now``: the server's cumulative ledger and connections, and
+    (with the PIDs) CPU seconds and resident memory of both ends and the host's
+    packet counters, for the per-second records.
 
     Returns (stats, the last complete second's row, its phase), or None when
     /stats failed: a missed snapshot is covered by the next one.
@@ -302,8 +346,13 @@ def snapshot(server_api: str, polled: dict[int, dict[str, Any]], phases: list,
     except (OSError, ValueError) as exc:
         log.warning("server /stats failed: %s", exc)
         return None
-    polled[int(now)] = {"connections": stats["connections"], "ledger": stats["ledger"],
-                        "group": stats["group"]}
+    record = {"connections": stats["connections"], "ledger": stats["ledger"],
+              "group": stats["group"], "time": time.time(), "net": host_counters()}
+    if server_pid is not None:
+        record["server_cpu_seconds"], record["server_rss_bytes"] = process_figures([server_pid])
+        record["client_cpu_seconds"], record["client_rss_bytes"] = process_figures(
+            list(client_pids))
+    polled[int(now)] = record
     last = stats["per_second"][-1] if stats["per_second"] else {"second": 0, "shakes": 0}
     phase = next((p for p in phases if p.start <= last["second"] < p.end), None)
     return stats, last, phase

@@ -29,8 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from app import settings
-from app.local.runner import LocalFleet, get_json, progress, snapshot
-from app.local.summary import Phase, build_seconds, summarise, write_graphs, write_table
+from app.local.runner import LocalFleet, get_json, progress
+from app.local.summary import (
+    Phase,
+    build_seconds,
+    summarise,
+    write_graphs,
+    write_seconds,
+    write_table,
+)
 
 log = logging.getLogger("hongbao.smoke")
 
@@ -60,6 +67,8 @@ class Smoke:
         """The server (SETs sized for the connections) and the simulated client hosts."""
         c = self.config
         budget = max(100_000, c.qps * 2)  # the smoke measures accuracy, not overload
+        if c.sources.get("shake_budget") != "default":  # asked for: a server slower than the rate
+            budget = c.shake_budget
         sets = max(c.sets, math.ceil(c.connections / PER_SET))
         self.config = c.replace(sets=sets)
         self.fleet.start_server(sets, ["--shake-budget", str(budget),
@@ -122,7 +131,7 @@ class Smoke:
 
     def poll_second(self, now: float) -> None:
         """Snapshot the server's cumulative ledger and connections; print the progress line."""
-        snap = snapshot(self.fleet.server_api, self.polled, self.phases, now)
+        snap = self.fleet.snapshot(self.polled, self.phases, now)
         if snap is None:
             return
         stats, last, phase = snap
@@ -172,10 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         smoke.fleet.stop()
-    with open(run_dir / "seconds.jsonl", "w") as fh:
-        for record in seconds:
-            public = {k: v for k, v in record.items() if k != "_hist"}
-            fh.write(json.dumps(public, separators=(",", ":")) + "\n")
+    write_seconds(run_dir, seconds)
     summary = summarise(smoke.config, smoke.phases, seconds, raw, login_seconds,
                         time.time() - began)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
