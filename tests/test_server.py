@@ -20,6 +20,10 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
     raise AssertionError("condition not met in time")
 
 
+def per_set_connections(server) -> dict[int, int]:
+    return {s["set"]: s["connections"] for s in server.stats()["per_set"]}
+
+
 def generated(server) -> int:
     return server.stats()["ledger"]["generated"]["count"]
 
@@ -37,12 +41,19 @@ def test_handoff_lands_every_user_on_its_owner_set(server, clients):
     assert counters.get("handoff.failed", 0) == 0
 
 
-def test_login_result_carries_the_userid_and_zero_is_refused(server, clients):
+def test_login_result_carries_the_userid_and_zero_is_a_user(server, clients):
     ok = clients(server.port).login(77)
     assert ok == p.LoginResult(77, p.LoginCode.OK, ok.timestamp)
-    bad = clients(server.port)
-    assert bad.login(0).result == p.LoginCode.BAD_USERID
-    assert bad.is_closed()
+    # The classic prototype logs user 0 in (its client's users start at 0): so do we,
+    # and SHAKE/CLAIM naming userid 0 then mean user 0 (issue 11).
+    zero = clients(server.port)
+    result = zero.login(0)
+    assert result == p.LoginResult(0, p.LoginCode.OK, result.timestamp)
+    answer = zero.shake(0)
+    assert (answer.userid, answer.result) == (0, p.ShakeCode.NONE_LEFT)
+    refused = zero.shake(77)
+    assert (refused.userid, refused.result) == (0, p.ShakeCode.REFUSED)
+    assert per_set_connections(server)[0] == 1
 
 
 def test_exact_shake_results_for_a_known_supply(server, clients):

@@ -31,7 +31,6 @@ import resource
 import select
 import signal
 import socket
-import struct
 import sys
 import time
 from typing import Any
@@ -39,10 +38,17 @@ from typing import Any
 import gevent
 from gevent.event import Event
 
-from app import protocol
 from app.client.histogram import Histogram
 from app.client.schedule import clip, tick_span
-from app.protocol import LAYOUTS, Command, ProtocolError, check_header
+from app.protocol import (
+    ClaimResult,
+    ClientSession,
+    EnvelopePush,
+    LoginResult,
+    ProtocolError,
+    ShakeCode,
+    ShakeResult,
+)
 from app.reactor import READ, READ_WRITE, Reactor, close_fd, read_some, write_some
 
 log = logging.getLogger("hongbao.client.worker")
@@ -69,17 +75,16 @@ MAX_CATCH_UP = 2  # seconds of missed ticks we still send (stamped with their ow
 DOWN, CONNECTING, LOGGING_IN, READY = range(4)
 ERROR_EVENTS = select.EPOLLERR | select.EPOLLHUP
 
-_LENGTH_COMMAND = struct.Struct(">HH")  # the header's first two fields, enough to validate
-_SHAKE = LAYOUTS[Command.SHAKE]
-_LOGIN = LAYOUTS[Command.LOGIN]
-_CLAIM = LAYOUTS[Command.CLAIM]
-_SHAKE_SIZE = _SHAKE.size
 
 
 class Conn:
-    """One user's connection; ``sent`` holds the send times of unanswered SHAKEs."""
+    """One user's connection; ``sent`` holds the send times of unanswered SHAKEs.
 
-    __slots__ = ("pos", "userid", "fd", "state", "out", "buf", "sent", "attempt", "since",
+    ``session`` (the protocol's rules, ``app.protocol.session``) is new for each
+    connection attempt and None while the user is down.
+    """
+
+    __slots__ = ("pos", "userid", "fd", "state", "out", "session", "sent", "attempt", "since",
                  "asks", "asked")
 
     def __init__(self, pos: int, userid: int) -> None:
@@ -88,7 +93,7 @@ class Conn:
         self.fd = -1
         self.state = DOWN
         self.out = b""
-        self.buf = b""
+        self.session: ClientSession | None = None
         self.sent: list[float] = []
         self.attempt = 0
         self.since = 0.0
@@ -192,6 +197,7 @@ class Worker:
             return
         conn.fd = sock.detach()
         conn.state = CONNECTING
+        conn.session = ClientSession(conn.userid)
         conn.since = now
         self.by_fd[conn.fd] = conn
         self.pending[conn.pos] = conn
@@ -215,7 +221,7 @@ class Worker:
         self.by_fd.pop(conn.fd, None)
         self.pending.pop(conn.pos, None)
         self.lost += len(conn.sent)
-        conn.fd, conn.state, conn.out, conn.buf, conn.sent = -1, DOWN, b"", b"", []
+        conn.fd, conn.state, conn.out, conn.session, conn.sent = -1, DOWN, b"", None, []
         self._retry(conn, now, failed=not was_up)
 
     def _connect_due(self, now: float) -> None:
@@ -265,8 +271,7 @@ class Worker:
                     continue
                 conn.state = LOGGING_IN
                 self.reactor.modify(fd, READ)
-                self.send(conn, _LOGIN.pack(_LOGIN.size, Command.LOGIN, int(now), conn.userid),
-                          now)
+                self.send(conn, conn.session.login(int(now)), now)
                 continue
             if mask & select.EPOLLOUT and conn.out:
                 rest = write_some(fd, conn.out)
@@ -289,47 +294,32 @@ class Worker:
                         self.drop(conn, now)
 
     def _frames(self, conn: Conn, data: bytes, now: float) -> None:
-        buf = conn.buf + data if conn.buf else data
-        off, end = 0, len(buf)
-        while end - off >= 4:
-            length, cmd = _LENGTH_COMMAND.unpack_from(buf, off)
-            check_header(length, cmd)
-            if end - off < length:
-                break
-            if cmd == Command.SHAKE_RESULT:
-                _, _, _, _, result, _, amount = LAYOUTS[cmd].unpack_from(buf, off)
+        """The server's frames, through the connection's session (raises ProtocolError)."""
+        for frame in conn.session.receive(data):
+            kind = type(frame)
+            if kind is ShakeResult:
+                result = frame.result
                 self.answered += 1
                 self.results[result] = self.results.get(result, 0) + 1
-                if result == protocol.ShakeCode.GOT:
-                    self.shake_amount += amount
+                if result == ShakeCode.GOT:
+                    self.shake_amount += frame.amount
                 if conn.sent:
                     self.hist.record(int((now - conn.sent.pop(0)) * 1e6))
-            elif cmd == Command.ENVELOPE_PUSH:
-                envelope_id = LAYOUTS[cmd].unpack_from(buf, off)[3]
+            elif kind is EnvelopePush:
                 self.claims_sent += 1
-                self.send(conn, _CLAIM.pack(_CLAIM.size, Command.CLAIM, int(now), 0,
-                                            envelope_id), now)
-            elif cmd == Command.CLAIM_RESULT:
-                amount = LAYOUTS[cmd].unpack_from(buf, off)[4]
-                if amount:
+                self.send(conn, conn.session.claim(frame.envelope_id, int(now)), now)
+                if conn.fd < 0:
+                    return  # dropped while sending the claim
+            elif kind is ClaimResult:
+                if frame.amount:
                     self.claims_granted += 1
-                    self.claim_amount += amount
-            elif cmd == Command.LOGIN_RESULT:
-                result = LAYOUTS[cmd].unpack_from(buf, off)[4]
-                if result != protocol.LoginCode.OK:
-                    raise ProtocolError("login", f"refused with {result}")
-                if conn.state == LOGGING_IN:
-                    conn.state = READY
-                    conn.attempt = 0
-                    self.ready += 1
-                    self.logins += 1
-                    self.pending.pop(conn.pos, None)
-            else:
-                raise ProtocolError("command", f"server sent client command {cmd}")
-            off += length
-            if conn.fd < 0:
-                return  # dropped while sending a claim
-        conn.buf = buf[off:]
+                    self.claim_amount += frame.amount
+            elif kind is LoginResult and conn.state == LOGGING_IN:
+                conn.state = READY
+                conn.attempt = 0
+                self.ready += 1
+                self.logins += 1
+                self.pending.pop(conn.pos, None)
 
     def _control(self) -> None:
         data = read_some(self.stdin, 65536)
@@ -377,14 +367,13 @@ class Worker:
         if not count:
             return
         conns, base, sent, skipped = self.conns, self.begin, 0, 0
-        frame_for = _SHAKE.pack
         for lo, hi in clip(start, count, self.n, self.begin, self.end):
             for pos in range(lo, hi):
                 conn = conns[pos - base]
                 if conn.state != READY:
                     skipped += 1
                     continue
-                self.send(conn, frame_for(_SHAKE_SIZE, Command.SHAKE, second, conn.userid), now)
+                self.send(conn, conn.session.shake(second), now)
                 if conn.state == READY:
                     conn.sent.append(now)
                     conn.asks += 1

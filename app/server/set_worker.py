@@ -69,28 +69,23 @@ HANDOFF = struct.Struct(">I")  # userid; then the bytes received after the LOGIN
 # plus READ_SIZE): the inbox must take datagrams that big, or the tail is cut off.
 HANDOFF_MAX = HANDOFF.size + READ_SIZE + p.FRAME_SIZES[p.Command.LOGIN]
 
-_LOGIN_SIZE = p.FRAME_SIZES[p.Command.LOGIN]
-_LOGIN_RESULT = p.LAYOUTS[p.Command.LOGIN_RESULT]
-_SHAKE_RESULT = p.LAYOUTS[p.Command.SHAKE_RESULT]
-_CLAIM_RESULT = p.LAYOUTS[p.Command.CLAIM_RESULT]
-_PUSH = p.LAYOUTS[p.Command.ENVELOPE_PUSH]
-_SHAKE = p.LAYOUTS[p.Command.SHAKE]
-_SHAKE_HEAD = struct.pack(">HH", p.FRAME_SIZES[p.Command.SHAKE], p.Command.SHAKE)
-_HEAD = struct.Struct(">HH")
 
 CODE_INDEX = {p.ShakeCode.GOT: 0, p.ShakeCode.NONE_LEFT: 1, p.ShakeCode.REFUSED: 2,
               p.ShakeCode.OVERLOAD: 3}
 
 
-class Conn:
-    """One socket: 0 in ``userid`` until it has logged in here."""
+class Conn(p.ServerSession):
+    """One socket: its protocol session plus the descriptor and unsent answers.
 
-    __slots__ = ("fd", "userid", "inbuf", "out", "blocked")
+    The record extends the session rather than holding one, so a connection
+    costs one object (memory per idle connection is a headline figure).
+    """
 
-    def __init__(self, fd: int) -> None:
+    __slots__ = ("fd", "out", "blocked")
+
+    def __init__(self, fd: int, login_deadline: float = 0.0) -> None:
+        super().__init__(login_deadline)
         self.fd = fd
-        self.userid = 0
-        self.inbuf = b""
         self.out = b""
         self.blocked = False  # waiting for EPOLLOUT with ``out`` pending
 
@@ -110,7 +105,7 @@ class SetWorker:
         self.conns: dict[int, Conn] = {}
         self.users: dict[int, Conn] = {}
         self.dirty: list[Conn] = []
-        self.pending_logins: deque[tuple[float, Conn]] = deque()
+        self.pending_logins: deque[Conn] = deque()
         self.counters: dict[str, int] = {}
         self.by_sent: dict[int, list[int]] = {}
         self.by_arrival: dict[int, list[int]] = {}
@@ -251,10 +246,7 @@ class SetWorker:
             if mask & WRITE and conn.blocked:
                 self._unblock(conn)
             if data:
-                if conn.userid:
-                    self._on_frames(conn, conn.inbuf + data if conn.inbuf else data, second)
-                else:
-                    self._on_login(conn, conn.inbuf + data, second)
+                self._on_data(conn, data, second)
 
     def _flush_writes(self) -> None:
         """After every batch: journal first, then the answers that reveal it."""
@@ -298,7 +290,7 @@ class SetWorker:
             return
         self.reactor.unregister(conn.fd)
         close_fd(conn.fd)
-        if conn.userid and self.users.get(conn.userid) is conn:
+        if conn.logged_in and self.users.get(conn.userid) is conn:
             del self.users[conn.userid]
         self._count("close." + reason)
 
@@ -329,10 +321,10 @@ class SetWorker:
                     continue
                 raise
             os.set_blocking(fd, False)
-            conn = Conn(fd)
+            conn = Conn(fd, deadline)
             self.conns[fd] = conn
             self.reactor.register(fd, READ)
-            self.pending_logins.append((deadline, conn))
+            self.pending_logins.append(conn)
             self._count("accepted")
 
     def _pause_accept(self) -> None:
@@ -345,38 +337,6 @@ class SetWorker:
                 self.reactor.register(fd, READ)
 
         gevent.spawn_later(ACCEPT_PAUSE, resume)
-
-    def _on_login(self, conn: Conn, buf: bytes, second: int) -> None:
-        if len(buf) < 4:
-            conn.inbuf = buf
-            return
-        length, cmd = _HEAD.unpack_from(buf)
-        try:
-            p.check_header(length, cmd)
-        except p.ProtocolError as exc:
-            self._protocol_error(conn, exc.reason)
-            return
-        if cmd != p.Command.LOGIN:
-            self._protocol_error(conn, "login_first")
-            return
-        if len(buf) < _LOGIN_SIZE:
-            conn.inbuf = buf
-            return
-        (userid,) = HANDOFF.unpack_from(buf, 12)
-        rest = buf[_LOGIN_SIZE:]
-        conn.inbuf = b""
-        if userid == 0:
-            self._send(conn, _LOGIN_RESULT.pack(20, 1, second, 0, p.LoginCode.BAD_USERID))
-            self._flush_writes()
-            self._close(conn, "bad_login")
-            return
-        owner = userid % self.sets
-        if owner != self.set_id:
-            self._hand_off(conn, owner, userid, rest)
-            return
-        self._logged_in(conn, userid, second)
-        if rest and self.conns.get(conn.fd) is conn:
-            self._on_frames(conn, rest, second)
 
     def _hand_off(self, conn: Conn, owner: int, userid: int, rest: bytes) -> None:
         """Pass the socket to its owner; queue it while the owner's inbox is full.
@@ -454,69 +414,75 @@ class SetWorker:
             self.conns[conn.fd] = conn
             self.reactor.register(conn.fd, READ)
             self._count("handoff.received")
+            conn.resume(userid)
             if userid % self.sets != self.set_id:
-                self._send(conn, _LOGIN_RESULT.pack(20, 1, second, userid, p.LoginCode.WRONG_SET))
+                self._send(conn, conn.login_result(p.LoginCode.WRONG_SET, second))
                 self._flush_writes()
                 self._close(conn, "wrong_set")
                 continue
-            self._logged_in(conn, userid, second)
+            self._logged_in(conn, second)
             if len(msg) > HANDOFF.size:
-                self._on_frames(conn, msg[HANDOFF.size:], second)
+                self._on_data(conn, msg[HANDOFF.size:], second)
 
-    def _logged_in(self, conn: Conn, userid: int, second: int) -> None:
+    def _logged_in(self, conn: Conn, second: int) -> None:
+        userid = conn.userid
         old = self.users.get(userid)
         if old is not None and old is not conn:
             self._close(old, "replaced")
-        conn.userid = userid
         self.users[userid] = conn
         self._count("logins")
         self.metrics.incr("logins")
-        self._send(conn, _LOGIN_RESULT.pack(20, 1, second, userid, p.LoginCode.OK))
+        self._send(conn, conn.login_result(p.LoginCode.OK, second))
 
     # --------------------------------------------------------------- frames
-    def _on_frames(self, conn: Conn, buf: bytes, second: int) -> None:
-        if len(buf) == 16 and buf[:4] == _SHAKE_HEAD:
-            # Fast path for the one frame that is 99% of the traffic: a lone
-            # SHAKE skips the generic decoder and its frame object.
-            _, _, sent, userid = _SHAKE.unpack(buf)
-            conn.inbuf = b""
-            self._shake(conn, userid, sent, second)
-            return
+    def _on_data(self, conn: Conn, data: bytes, second: int) -> None:
+        """Bytes from a connection: its session turns them into requests to serve."""
         try:
-            frames, conn.inbuf = p.decode_frames(buf)
+            events = conn.receive(data)
         except p.ProtocolError as exc:
             self._protocol_error(conn, exc.reason)
             return
-        for frame in frames:
-            cmd = frame.command
-            if cmd == p.Command.SHAKE:
-                self._shake(conn, frame.userid, frame.timestamp, second)
-            elif cmd == p.Command.CLAIM:
-                self._claim(conn, frame, second)
-            elif cmd == p.Command.LOGIN:
-                self._protocol_error(conn, "login_twice")
-                return
-            else:
-                self._protocol_error(conn, "direction")
-                return
+        for event in events:
+            kind = type(event)
+            if kind is p.ShakeAsked:
+                self._shake(conn, event.timestamp, second)
+            elif kind is p.ShakeRefused:
+                self._shake_refused(conn, event.timestamp, second)
+            elif kind is p.ClaimAsked:
+                self._claim(conn, event.envelope_id, second)
+            elif kind is p.ClaimRefused:
+                self._claim(conn, event.envelope_id, second, refused=True)
+            else:  # LoggedIn: the session stopped right after it
+                owner = conn.userid % self.sets
+                if owner != self.set_id:
+                    self._hand_off(conn, owner, conn.userid, conn.take_buffered())
+                    return
+                self._logged_in(conn, second)
+                if conn.buffered and self.conns.get(conn.fd) is conn:
+                    self._on_data(conn, b"", second)
 
-    def _shake(self, conn: Conn, userid: int, sent: int, second: int) -> None:
+    def _shake(self, conn: Conn, sent: int, second: int) -> None:
         eid = amount = 0
-        if userid and userid != conn.userid:
-            code = p.ShakeCode.REFUSED
+        self.budget_used += 1
+        if self.budget_used > self.budget:
+            code = p.ShakeCode.OVERLOAD
         else:
-            self.budget_used += 1
-            if self.budget_used > self.budget:
-                code = p.ShakeCode.OVERLOAD
+            got = self.ledger.take(conn.userid)
+            if got is None:
+                code = p.ShakeCode.NONE_LEFT
             else:
-                got = self.ledger.take(conn.userid)
-                if got is None:
-                    code = p.ShakeCode.NONE_LEFT
-                else:
-                    code = p.ShakeCode.GOT
-                    eid, amount = got
-                    self.metrics.incr("envelopes.granted")
-                    self.metrics.incr("amount.granted", amount)
+                code = p.ShakeCode.GOT
+                eid, amount = got
+                self.metrics.incr("envelopes.granted")
+                self.metrics.incr("amount.granted", amount)
+        self._answer_shake(conn, code, eid, amount, sent, second)
+
+    def _shake_refused(self, conn: Conn, sent: int, second: int) -> None:
+        self._answer_shake(conn, p.ShakeCode.REFUSED, 0, 0, sent, second)
+
+    def _answer_shake(self, conn: Conn, code: int, eid: int, amount: int, sent: int,
+                      second: int) -> None:
+        """Count the answer by the client's second and by arrival, then queue it."""
         index = CODE_INDEX[code]
         if abs(sent - second) > TIMESTAMP_SLACK:
             sent = second
@@ -529,12 +495,10 @@ class SetWorker:
             row = self.by_arrival[second] = [0, 0, 0, 0]
         row[index] += 1
         self.shake_totals[index] += 1
-        self._send(conn, _SHAKE_RESULT.pack(28, 3, second, conn.userid, code, eid, amount))
+        self._send(conn, conn.shake_result(code, eid, amount, second))
 
-    def _claim(self, conn: Conn, frame: p.Claim, second: int) -> None:
-        amount = 0
-        if frame.userid in (0, conn.userid):
-            amount = self.ledger.claim(frame.envelope_id, conn.userid)
+    def _claim(self, conn: Conn, envelope_id: int, second: int, refused: bool = False) -> None:
+        amount = 0 if refused else self.ledger.claim(envelope_id, conn.userid)
         if amount:
             self._count("claims.granted")
             self.metrics.incr("claims.granted")
@@ -543,7 +507,7 @@ class SetWorker:
         else:
             self._count("claims.refused")
             self.metrics.incr("claims.refused")
-        self._send(conn, _CLAIM_RESULT.pack(20, 6, second, frame.envelope_id, amount))
+        self._send(conn, conn.claim_result(envelope_id, amount, second))
 
     # ----------------------------------------------------------- envelopes
     def _generate_loop(self) -> None:
@@ -595,7 +559,7 @@ class SetWorker:
             for userid, share in zip(recipients, shares, strict=True):
                 conn = self.users.get(userid)
                 if conn is not None:
-                    self._send(conn, _PUSH.pack(36, 4, second, eid, share, 3, *recipients))
+                    self._send(conn, conn.push(eid, share, recipients, second))
                     self._count("group.pushed")
                     self.metrics.incr("group.pushed")
 
@@ -623,9 +587,9 @@ class SetWorker:
             gevent.sleep(1.0 - time.time() % 1.0 + 0.005)
             now = time.time()
             pending = self.pending_logins
-            while pending and pending[0][0] <= now:
-                _, conn = pending.popleft()
-                if not conn.userid and self.conns.get(conn.fd) is conn:
+            while pending and pending[0].login_deadline <= now:
+                conn = pending.popleft()
+                if not conn.logged_in and self.conns.get(conn.fd) is conn:
                     self._close(conn, "login_timeout")
             counters = self.ledger.c
             shares, amount = counters["expired_count"], counters["expired_amount"]
