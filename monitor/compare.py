@@ -44,7 +44,8 @@ FIGURES: tuple[Figure, ...] = (
     Figure("clients ±2%", "client_within", fmt.share, "higher"),
     Figure("p50", "latency_p50_ms", fmt.ms, "lower"),
     Figure("p99", "latency_p99_ms", fmt.ms, "lower"),
-    Figure("client CPU/req", "cpu_us_per_request", fmt.micros, "lower"),
+    Figure("client CPU/req", "cpu_us_per_request", fmt.micros, "lower"),  # smoke
+    Figure("client CPU/req", "client_cpu_us_per_request", fmt.micros, "lower"),  # scale bench
     Figure("server CPU/req", "server_cpu_us_per_request", fmt.micros, "lower"),
     Figure("server RSS/conn", "server_bytes_per_connection", fmt.size, "lower"),
     Figure("client RSS/conn", "client_bytes_per_connection", fmt.size, "lower"),

@@ -294,3 +294,38 @@ def test_pages_load_in_headless_chromium_with_no_errors_and_no_missing_images(ru
         assert seen["console"] == [] and seen["broken"] == []
         assert sorted(seen["images"]) == sorted(
             json.loads((cmp_out / "compare.json").read_text())["graphs"])
+
+
+@pytest.mark.slow
+def test_the_scale_bench_run_directory_gets_the_same_page(tmp_path):
+    run = tmp_path / "scale"
+    done = subprocess.run(
+        [sys.executable, "-m", "app.bench", "scale", "--connections", "2000", "--hosts", "2",
+         "--phases", "500,1000", "--hold", "1", "--phase-seconds", "5", "--floor", "no",
+         "--netns", "no", "--run-dir", str(run)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((run / "result.json").read_text())
+    page = Page((run / "index.html").read_text())
+    assert page.ids["verdict"] == ("PASS" if result["passed"] else "FAIL")
+    assert page.reasons == result["reasons"]
+    assert f"verdict: {page.ids['verdict']}" in done.stdout
+    head, *body = page.tables["phases"]
+    columns = [text for _, text in head]
+    assert [cells[0][1] for cells in body] == [p["phase"] for p in result["phases"]]
+    for cells, phase in zip(body, result["phases"], strict=True):
+        text = dict(zip(columns, (t for _, t in cells), strict=True))
+        assert text["server served /s"] == f"{round(phase['server_qps']):,}"
+        assert text["scheduled: counted / sent"] == (
+            f"{phase['scheduled_counted']:,} / {phase['scheduled_sent']:,}")
+    head, *body = page.tables["costs"]
+    columns = [text for _, text in head]
+    for cells, phase in zip(body, result["phases"], strict=True):
+        text = dict(zip(columns, (t for _, t in cells), strict=True))
+        assert text["client CPU/req"] == f"{phase['client_cpu_us_per_request']:,.1f} µs"
+    # the phases found from the records shade the graphs and match the plan
+    expected = expected_graphs(records(run))
+    assert sorted(page.images) == sorted(expected)
+    qps = drawn_series(run / "qps.png")
+    assert qps["target"] == expected["qps.png"]["target"]
+    assert sorted({v for _, v in qps["target"]}) == [500.0, 1000.0]
