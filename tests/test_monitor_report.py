@@ -225,3 +225,39 @@ def test_write_report_uses_graphite_only_when_told(tmp_path, fake_graphite, monk
     monkeypatch.setenv("HONGBAO_GRAPHITE_URL", fake_graphite)
     report.write_report(run)
     assert json.loads((run / "report.json").read_text())["source"].startswith("Graphite")
+
+
+def test_numbers_for_people():
+    from monitor import numbers
+
+    assert numbers.money(767936012) == "¥7,679,360.12"
+    assert numbers.money(5) == "¥0.05" and numbers.money(-250) == "-¥2.50"
+    assert numbers.count(59999.6) == "60,000" and numbers.count(None) == "-"
+    assert [numbers.ms(x) for x in (0.8349, 12.345, 101.6, 4321.0)] == [
+        "0.83 ms", "12.3 ms", "102 ms", "4,321 ms"]
+    assert [numbers.share(x) for x in (0.95, 0.975, 1.0, None)] == ["95%", "97.5%", "100%", "-"]
+    assert [numbers.size(x) for x in (306, 4900, 3 * 2**20, 1.5 * 2**30)] == [
+        "306 B", "4.79 KiB", "3 MiB", "1.5 GiB"]
+
+
+def test_phases_of_a_run_without_a_plan_come_from_the_records_targets():
+    rows = [{"t": T0 + i, "target_qps": q} for i, q in enumerate([3000] * 4 + [6000] * 3)]
+    spans = runs.spans_of({"phases": [{"phase": "3k"}, {"phase": "6k"}]}, rows)
+    assert [(s.name, s.target, s.start, s.end) for s in spans] == [
+        ("3k", 3000, T0, T0 + 4), ("6k", 6000, T0 + 4, T0 + 7)]
+
+
+def test_compare_colours_a_change_by_which_way_is_better():
+    from monitor import compare
+
+    served = next(f for f in compare.FIGURES if f.key == "server_qps")
+    p99 = next(f for f in compare.FIGURES if f.key == "latency_p99_ms")
+    target = next(f for f in compare.FIGURES if f.key == "target")
+    assert compare.delta(served, 1000, 900)["verdict"] == "worse"
+    assert compare.delta(p99, 40.0, 20.0)["verdict"] == "better"
+    assert compare.delta(p99, 40.0, 40.2)["verdict"] == "same"  # under 1%: noise
+    assert compare.delta(target, 300, 450)["verdict"] == ""  # not judged
+    assert compare.delta(p99, None, 3.0)["delta"] is None
+    assert compare.shown_delta(p99, compare.delta(p99, 40.0, 20.0)) == "-20.0 ms (-50.0%)"
+    within = next(f for f in compare.FIGURES if f.key == "server_within")
+    assert compare.shown_delta(within, compare.delta(within, 1.0, 0.6)) == "-40.0 pt"
