@@ -21,7 +21,7 @@ from math import ceil
 import pytest
 
 from app.client.schedule import share
-from app.local.smoke import CLIENT_READY, Service, get_json
+from app.local.runner import CLIENT_READY, Service, client_command, get_json
 
 
 @dataclass
@@ -48,14 +48,10 @@ def agents(tmp_path):
 
     def start(server, users: tuple[int, int], host_index: int = 0, hosts: int = 1,
               qps: int = 0, **flags: object) -> AgentHandle:
-        cmd = [sys.executable, "-m", "app.client", "--server", f"127.0.0.1:{server.port}",
-               "--server-control", f"127.0.0.1:{server.control_port}",
-               "--users", f"{users[0]}-{users[1]}", "--control", "127.0.0.1:0",
-               "--source", f"127.1.0.{host_index + 1}", "--hosts", str(hosts),
-               "--host-index", str(host_index), "--qps", str(qps),
-               "--host-name", f"test{host_index}"]
-        for name, value in flags.items():
-            cmd += [f"--{name.replace('_', '-')}", str(value)]
+        cmd = client_command(server.port, users, [f"127.1.0.{host_index + 1}"],
+                             f"127.0.0.1:{server.control_port}", hosts=hosts,
+                             host_index=host_index, qps=qps, host_name=f"test{host_index}",
+                             **flags)
         service = Service(f"client{host_index}", cmd,
                           tmp_path / f"client{host_index}-{time.time_ns()}.log", CLIENT_READY)
         started.append(service)

@@ -27,7 +27,14 @@ from typing import Any
 import psutil
 
 from app.client.histogram import Histogram
-from app.local.smoke import CLIENT_READY, SERVER_READY, Service, get_json
+from app.local.runner import (
+    CLIENT_READY,
+    SERVER_READY,
+    Service,
+    client_command,
+    get_json,
+    server_command,
+)
 
 
 def merged(rows: list[dict[str, Any]]) -> Histogram:
@@ -57,20 +64,16 @@ class Bench:
         self.port = 0
 
     def start_server(self) -> None:
-        self.server = Service("server", [
-            sys.executable, "-m", "app.server", "--host", "127.0.0.1", "--port", str(self.port),
-            "--control", "127.0.0.1:0", "--sets", str(self.args.sets), "--journal-dir",
-            str(self.work / "journal"), "--shake-budget", "10000000"],
-            self.work / "server.log", SERVER_READY)
+        cmd = server_command(self.work / "journal", self.args.sets, self.port,
+                             extra=["--shake-budget", "10000000"])
+        self.server = Service("server", cmd, self.work / "server.log", SERVER_READY)
         self.port = int(self.server.start().group(1))
 
     def start_agent(self) -> str:
         a = self.args
-        self.agent = Service("agent", [
-            sys.executable, "-m", "app.client", "--server", f"127.0.0.1:{self.port}",
-            "--users", f"1-{a.users}", "--control", "127.0.0.1:0", "--source", a.sources,
-            "--qps", "0", "--connect-rate", str(a.connect_rate), "--pacing", a.pacing],
-            self.work / "agent.log", CLIENT_READY)
+        cmd = client_command(self.port, (1, a.users), a.sources.split(","), qps=0,
+                             connect_rate=a.connect_rate, pacing=a.pacing)
+        self.agent = Service("agent", cmd, self.work / "agent.log", CLIENT_READY)
         match = self.agent.start()
         return f"{match.group(1)}:{match.group(2)}"
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import signal
 import subprocess
@@ -47,15 +46,7 @@ from app.bench import floor
 from app.bench.cpu import cpu_seconds, machine_busy, rss_bytes, tree
 from app.client.histogram import Histogram
 from app.local import netns
-from app.local.smoke import (
-    CLIENT_READY,
-    SERVER_READY,
-    Service,
-    get_json,
-    progress,
-    snapshot,
-    stop_services,
-)
+from app.local.runner import LocalFleet, get_json, progress
 from app.local.summary import (
     Phase,
     build_seconds,
@@ -121,9 +112,7 @@ class ScaleRun:
     def __init__(self, args: argparse.Namespace, run_dir: Path) -> None:
         self.args = args
         self.run_dir = run_dir
-        self.server: Service | None = None
-        self.clients: list[Service] = []
-        self.client_apis: list[str] = []
+        self.fleet = LocalFleet(run_dir, log_level="warning")
         self.phases: list[Phase] = []
         self.polled: dict[int, dict[str, Any]] = {}
         self.figures: dict[str, Any] = {"stopped_by": None}
@@ -133,51 +122,27 @@ class ScaleRun:
     # ------------------------------------------------------------- processes
     def start_server(self) -> None:
         a = self.args
-        cmd = [sys.executable, "-m", "app.server", "--host", "127.0.0.1", "--port", "0",
-               "--control", "127.0.0.1:0", "--sets", str(a.sets) if a.sets else "auto",
-               "--target-connections", str(a.connections),
-               "--journal-dir", str(self.run_dir / "journal"),
-               "--shake-budget", str(max(200_000, 2 * max(a.phases, default=0))),
-               "--claim-ttl", "30", "--log-level", "warning"]
-        self.server = Service("server", cmd, self.run_dir / "server.log", SERVER_READY)
-        match = self.server.start(timeout=300)
-        self.port = int(match.group(1))
-        self.server_api = f"{match.group(2)}:{match.group(3)}"
-        self.sets = get_json(self.server_api, "/health")["sets"]
+        self.fleet.start_server(a.sets or "auto", [
+            "--target-connections", str(a.connections),
+            "--shake-budget", str(max(200_000, 2 * max(a.phases, default=0))),
+            "--claim-ttl", "30"], timeout=300)
+        self.sets = self.fleet.sets
 
     def start_clients(self) -> None:
+        # Co-located clients run niced: on a real fleet the server has its own
+        # cores. Unniced, 68 busy client workers left 51 SETs 12% of a core at
+        # 30k QPS (the clients' writes also carry the server side's TCP work).
         a = self.args
-        per_host_rate = max(1, a.connect_rate // a.hosts)
-        for k in range(a.hosts):
-            first = 1 + k * a.connections // a.hosts
-            last = (k + 1) * a.connections // a.hosts
-            addresses = max(1, math.ceil((last - first + 1) / ADDRESS_CONNECTIONS))
-            sources = ",".join(f"127.{1 + k // 250}.{k % 250}.{i + 1}" for i in range(addresses))
-            # Co-located clients run niced: on a real fleet the server has its own
-            # cores. Unniced, 68 busy client workers left 51 SETs 12% of a core at
-            # 30k QPS (the clients' writes also carry the server side's TCP work).
-            nice = ["nice", "-n", str(a.client_nice)] if a.client_nice else []
-            cmd = [*nice, sys.executable, "-m", "app.client", "--server",
-                   f"127.0.0.1:{self.port}",
-                   "--server-control", self.server_api, "--users", f"{first}-{last}",
-                   "--control", "127.0.0.1:0", "--source", sources,
-                   "--host-name", f"scale{k}", "--hosts", str(a.hosts), "--host-index", str(k),
-                   "--qps", "0", "--pacing", a.pacing, "--ticks", str(a.ticks),
-                   "--connect-rate", str(per_host_rate),
-                   "--log-level", "warning"]
-            service = Service(f"client{k}", cmd, self.run_dir / f"client{k}.log", CLIENT_READY)
-            self.clients.append(service)
-            match = service.start(timeout=120)
-            self.client_apis.append(f"{match.group(1)}:{match.group(2)}")
-
-    def stop_all(self) -> None:
-        stop_services([*self.clients, self.server])
+        self.fleet.start_hosts(a.connections, a.hosts, ADDRESS_CONNECTIONS, "scale",
+                               nice=a.client_nice, timeout=120, pacing=a.pacing,
+                               ticks=a.ticks, connect_rate=max(1, a.connect_rate // a.hosts))
 
     def server_procs(self) -> list[psutil.Process]:
-        return tree(self.server.proc.pid) if self.server and self.server.proc else []
+        server = self.fleet.server
+        return tree(server.proc.pid) if server and server.proc else []
 
     def client_procs(self) -> list[psutil.Process]:
-        return [p for s in self.clients if s.proc for p in tree(s.proc.pid)]
+        return [p for s in self.fleet.clients if s.proc for p in tree(s.proc.pid)]
 
     # ------------------------------------------------------------ watching
     def check(self) -> dict[str, int]:
@@ -191,14 +156,11 @@ class ScaleRun:
         if limit and pages > TCP_MEM_STOP * limit:
             raise OutOfResource(f"kernel TCP memory: {pages} pages of tcp_mem {limit} "
                                 f"(answers queued faster than read)")
-        for service in [self.server, *self.clients]:
-            if service and service.proc and service.proc.poll() is not None:
-                raise OutOfResource(f"process: {service.name} exited with "
-                                    f"{service.proc.returncode} (see {service.log_path})")
+        try:
+            self.fleet.check_alive()
+        except RuntimeError as exc:
+            raise OutOfResource(f"process: {exc}") from None
         return mem
-
-    def client_connections(self) -> int:
-        return sum(get_json(a, "/health", tries=3)["connections"] for a in self.client_apis)
 
     def connect_all(self) -> None:
         a = self.args
@@ -206,7 +168,7 @@ class ScaleRun:
         last_n, last_t = 0, started
         while True:
             mem = self.check()
-            n = self.client_connections()
+            n = self.fleet.connections()
             now = time.time()
             rate = (n - last_n) / max(now - last_t, 1e-6)
             last_n, last_t = n, now
@@ -227,12 +189,12 @@ class ScaleRun:
     def hold(self) -> None:
         a = self.args
         end = time.time() + a.hold
-        low = high = self.client_connections()
-        server_low = get_json(self.server_api, "/stats?seconds=0", tries=3)["connections"]
+        low = high = self.fleet.connections()
+        server_low = get_json(self.fleet.server_api, "/stats?seconds=0", tries=3)["connections"]
         while time.time() < end:
             self.check()
-            n = self.client_connections()
-            server_n = get_json(self.server_api, "/stats?seconds=0", tries=3)["connections"]
+            n = self.fleet.connections()
+            server_n = get_json(self.fleet.server_api, "/stats?seconds=0", tries=3)["connections"]
             low, high, server_low = min(low, n), max(high, n), min(server_low, server_n)
             progress(f"holding: {n} connections (server {server_n}), lowest {low}, "
                      f"{end - time.time():4.0f}s left")
@@ -248,16 +210,12 @@ class ScaleRun:
         for qps in a.phases:
             self.phases.append(Phase(f"{qps // 1000}k" if qps >= 1000 else str(qps), qps, at,
                                      at + a.phase_seconds))
-            for address in self.client_apis:
-                get_json(address, f"/qps?total={qps}&at={at}", tries=3)
+            self.fleet.set_total(qps, at)
             at += a.phase_seconds
-        for address in self.client_apis:
-            get_json(address, f"/qps?total=0&at={at}", tries=3)
+        self.fleet.set_total(0, at)
         span = at - self.phases[0].start
-        get_json(self.server_api, f"/yaohongbao?qps={SHAKE_ENVELOPES_PER_S}"
-                                  f"&sum={SHAKE_ENVELOPES_PER_S * span}", tries=3)
-        get_json(self.server_api, f"/fahongbao?qps={GROUPS_PER_S}&sum={GROUPS_PER_S * span}"
-                                  f"&min=1&max={a.connections}", tries=3)
+        self.fleet.start_envelopes(SHAKE_ENVELOPES_PER_S, SHAKE_ENVELOPES_PER_S * span,
+                                   GROUPS_PER_S, GROUPS_PER_S * span, a.connections)
         cpu_marks: dict[str, tuple[float, float, float, float]] = {}
         self.cpu_marks = cpu_marks  # kept up to date: a run stopped mid-phase still reports
         while time.time() < at + 2:
@@ -277,9 +235,7 @@ class ScaleRun:
         sys.stderr.write("\n")
 
     def poll_second(self, now: float) -> None:
-        snap = snapshot(self.server_api, self.polled, self.phases, now, timeout=5,
-                        server_pid=self.server.proc.pid,
-                        client_pids=tuple(c.proc.pid for c in self.clients))
+        snap = self.fleet.snapshot(self.polled, self.phases, now, timeout=5)
         if snap is None:
             return
         stats, last, phase = snap
@@ -317,10 +273,9 @@ class ScaleRun:
         self.figures["client_rss_total_mb"] = round(after["client_rss"] / 2**20)
 
     def collect(self) -> dict[str, Any]:
-        server = get_json(self.server_api, "/stats?seconds=300", timeout=30, tries=5)
+        server = get_json(self.fleet.server_api, "/stats?seconds=300", timeout=30, tries=5)
         since = self.phases[0].start - 1 if self.phases else int(time.time())
-        clients = [get_json(a, f"/stats?since={since}&hist=1", timeout=30, tries=3)
-                   for a in self.client_apis]
+        clients = self.fleet.client_stats(since, timeout=30)
         rows = []
         if self.phases:
             seconds = build_seconds(server, clients, self.polled, self.phases[0].start,
@@ -345,11 +300,11 @@ class ScaleRun:
             for key, value in (c.get("totals") or {}).items():
                 if isinstance(value, int):
                     totals[key] = totals.get(key, 0) + value
+        ledger = ledger_check(server.get("ledger", {}))
         errors = {k: v for k, v in counters.items()
                   if k.startswith(("protocol_error", "close.", "handoff.failed", "accept_"))}
         errors.update({f"client.{k}": totals[k] for k in ("connect_failures", "lost", "errors",
                                                            "reconnects") if k in totals})
-        ledger = ledger_check(server.get("ledger", {}))
         return {
             "phases": rows,
             **verdict(rows, ledger),
@@ -529,7 +484,7 @@ def inner(args: argparse.Namespace) -> int:
         sys.stderr.write(f"\nscale run failed: {exc}\n")
         code = 1
     try:
-        if run.server and run.server.proc and run.server.proc.poll() is None:
+        if run.fleet.server and run.fleet.server.exited() is None:
             if "mem_connected" not in run.figures:  # stopped while connecting
                 run.measure_idle("mem_connected")
                 run.per_connection()
@@ -540,7 +495,7 @@ def inner(args: argparse.Namespace) -> int:
         # A second Ctrl-C or SIGTERM must not cut the clean-up short.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        run.stop_all()
+        run.fleet.stop()
     result.update(run.figures)
     attach_floor(result)
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")

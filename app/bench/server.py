@@ -19,41 +19,27 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 
-from app.local.procs import stop_group
+from app.local.runner import SERVER_READY, Service, get_json, server_command
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @contextmanager
-def process(cmd: list[str], ready: str, timeout: float = 60.0, **kwargs):
-    """Start ``cmd`` in its own process group; yield (Popen, ready-line match); kill by PID."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stdin=subprocess.PIPE,
-                            text=True, start_new_session=True, **kwargs)
+def process(name: str, cmd: list[str], ready: str, work: Path, timeout: float = 60.0):
+    """Start ``cmd`` as a runner ``Service`` (stdin piped); yield it and its ready match."""
+    service = Service(name, cmd, work / f"{name}.log", re.compile(ready), stdin=True)
     try:
-        deadline = time.time() + timeout
-        match = None
-        while time.time() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            match = re.search(ready, line)
-            if match:
-                break
-        if match is None:
-            raise RuntimeError(f"{cmd[2]} did not become ready (exit {proc.poll()})")
-        yield proc, match
+        yield service, service.start(timeout)
     finally:
-        stop_group(proc, 10.0, cmd[2])
+        service.stop()
 
 
 def rss(pids: list[int]) -> int:
@@ -70,22 +56,24 @@ def cpu(pids: list[int]) -> tuple[float, float]:
     return user, system
 
 
-def measure(port: int, pids: list[int], args: argparse.Namespace) -> dict:
+def measure(port: int, pids: list[int], args: argparse.Namespace, work: Path) -> dict:
     """Connect the load process, measure idle bytes per connection, then CPU per shake."""
     time.sleep(0.5)
     rss_empty = rss(pids)
     load_cmd = [sys.executable, "-m", "app.bench.load", "--port", str(port),
                 "--connections", str(args.connections), "--qps", str(args.qps),
                 "--seconds", str(args.seconds)]
-    with process(load_cmd, r"ready (\d+)", timeout=120) as (load, match):
+    with process("load", load_cmd, r"ready (\d+)", work, timeout=120) as (load, match):
         logged_in = int(match.group(1))
         time.sleep(1.0)
         rss_idle = rss(pids)
         cpu_before = cpu(pids)
         load_before = cpu([load.pid])
-        load.stdin.write("go\n")
-        load.stdin.flush()
-        result = json.loads(load.stdout.readline())
+        load.send_line("go")
+        line = load.read_line(args.seconds + 120)
+        if line is None:
+            raise RuntimeError(f"the load process gave no result (exit {load.exited()})")
+        result = json.loads(line)
         cpu_after = cpu(pids)
         load_cpu = sum(cpu([load.pid])) - sum(load_before)
     user, system = (after - before for after, before in zip(cpu_after, cpu_before, strict=True))
@@ -112,14 +100,17 @@ def bench_server(args: argparse.Namespace) -> dict:
         cmd = [sys.executable, "-m", "app.server", "--host", "127.0.0.1", "--port", "0",
                "--control", "127.0.0.1:0", "--sets", "1", "--journal-dir", tmp,
                "--shake-budget", str(10 * args.qps), "--log-level", "warning"]
-        with process(cmd, r"port=(\d+) control=[\d.]+:(\d+)") as (_, match):
-            port, control = int(match.group(1)), int(match.group(2))
-            with urllib.request.urlopen(f"http://127.0.0.1:{control}/stats", timeout=10) as r:
-                set_pid = json.loads(r.read())["per_set"][0]["pid"]
-            results["hongbao SET"] = measure(port, [set_pid], args)
-    cmd = [sys.executable, "-m", "app.bench.baseline", "--port", "0"]
-    with process(cmd, r"port=(\d+)") as (proc, match):
-        results["gevent StreamServer"] = measure(int(match.group(1)), [proc.pid], args)
+        work = Path(tmp)
+        cmd = server_command(work / "journal", 1, extra=[
+            "--shake-budget", str(10 * args.qps), "--log-level", "warning"])
+        with process("server", cmd, SERVER_READY.pattern, work) as (_, match):
+            port, control = int(match.group(1)), f"{match.group(2)}:{match.group(3)}"
+            set_pid = get_json(control, "/stats")["per_set"][0]["pid"]
+            results["hongbao SET"] = measure(port, [set_pid], args, work)
+        cmd = [sys.executable, "-m", "app.bench.baseline", "--port", "0"]
+        with process("baseline", cmd, r"port=(\d+)", work) as (baseline, match):
+            results["gevent StreamServer"] = measure(int(match.group(1)), [baseline.pid], args,
+                                                     work)
     return results
 
 

@@ -40,7 +40,8 @@ from gevent import subprocess
 from gevent.event import AsyncResult, Event
 
 from app import settings
-from app.client.api import build_api, clock_offset
+from app.client.api import build_api
+from app.client.clock import clock_offset
 from app.client.histogram import Histogram
 from app.client.schedule import split
 from app.client.worker import EXIT_CANNOT_BOOT
@@ -268,6 +269,12 @@ class Agent:
     @property
     def connections(self) -> int:
         return sum(c.last.get("connections", 0) for c in self.children)
+
+    def health(self) -> dict[str, Any]:
+        """What ``/health`` answers besides the clock: connections, workers, restarts."""
+        return {"connections": self.connections, "target_connections": self.n,
+                "processes": len(self.children),
+                "restarts": sum(c.restarts for c in self.children)}
 
     def cpu_seconds(self) -> float:
         """User+system CPU of the agent and its live workers (for µs per request)."""
