@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from app import protocol as p
 from app.metrics.statsd import Metrics
@@ -31,19 +32,23 @@ def tick_share(rate: int, index: int) -> int:
     return rate * (index + 1) // GEN_TICKS - rate * index // GEN_TICKS
 
 
+@dataclass(eq=False)
 class Service:
-    def __init__(self, set_id: int, sets: int, config: dict, ledger: Ledger,
-                 transport: Transport, stats: SetStats, metrics: Metrics) -> None:
-        self.set_id = set_id
-        self.sets = sets
-        self.config = config
-        self.ledger = ledger
-        self.transport = transport
-        self.stats = stats
-        self.metrics = metrics
+    """One SET's work, over its ledger, connections and counters."""
+
+    set_id: int
+    sets: int
+    config: dict
+    ledger: Ledger
+    transport: Transport
+    stats: SetStats
+    metrics: Metrics
+
+    def __post_init__(self) -> None:
         self.rng = random.Random()
-        budget = config["shake_budget"]
-        self.budget = budget // sets + (1 if set_id < budget % sets else 0)
+        budget = self.config["shake_budget"]
+        # The server-wide budget split so the SETs' shares sum to it exactly.
+        self.budget = budget // self.sets + (1 if self.set_id < budget % self.sets else 0)
         self.budget_second = 0
         self.budget_used = 0
 
