@@ -228,6 +228,9 @@ def test_envelope_id_exhaustion_stops_the_set_with_a_restartable_code(start_serv
     log = server.log_path.read_text()
     assert "stops (restartable): SET 0: envelope ids exhausted" in log, log[-2000:]
     assert not server.get("/health")["failed"]
-    server.wait_healthy(timeout=10)
-    ledger = server.stats(audit=True)["ledger"]
+    # Restarted, it replays the three envelopes it made (and stops again at the next
+    # tick while the campaign wants more ids: the supervisor's backoff paces that).
+    ledger = wait_for(lambda: (led := server.stats(audit=True)["ledger"]).get("complete", True)
+                      and led["generated"]["count"] and led,
+                      timeout=15)
     assert ledger["generated"]["count"] == 3 and ledger["balanced"]
