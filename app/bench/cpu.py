@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import psutil
 
 
@@ -41,3 +44,40 @@ def rss_bytes(procs: list[psutil.Process]) -> int:
         except psutil.NoSuchProcess:
             pass
     return total
+
+
+def wakeups(procs: list[psutil.Process]) -> int:
+    """Voluntary context switches of ``procs`` so far: how often they slept and were woken."""
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.num_ctx_switches().voluntary
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+Mark = tuple[float, float, float, float, int, int]
+
+
+def mark(server: list[psutil.Process], client: list[psutil.Process]) -> Mark:
+    """(time, server CPU s, client CPU s, machine busy s, server wake-ups, client wake-ups)."""
+    return (time.time(), cpu_seconds(server), cpu_seconds(client), machine_busy(),
+            wakeups(server), wakeups(client))
+
+
+def costs(start: Mark, end: Mark, requests: int) -> dict[str, float]:
+    """CPU per request on each side, CPU shares, and wake-ups a second between two marks."""
+    elapsed = max(end[0] - start[0], 1e-9)
+    requests = requests or 1
+    return {
+        "server_cpu_us_per_request": round((end[1] - start[1]) / requests * 1e6, 1),
+        "client_cpu_us_per_request": round((end[2] - start[2]) / requests * 1e6, 1),
+        "server_cpu_percent": round(100 * (end[1] - start[1]) / elapsed),
+        "client_cpu_percent": round(100 * (end[2] - start[2]) / elapsed),
+        # of all cores: 100% means the machine had no CPU left to give
+        "machine_cpu_percent": round(100 * (end[3] - start[3]) / elapsed
+                                     / (os.cpu_count() or 1)),
+        "server_wakeups_per_s": round((end[4] - start[4]) / elapsed),
+        "client_wakeups_per_s": round((end[5] - start[5]) / elapsed),
+    }
