@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import psutil
 
@@ -17,16 +18,20 @@ def tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-def cpu_seconds(procs: list[psutil.Process]) -> float:
-    """User + system CPU seconds of ``procs`` so far (the ones still alive)."""
+def _total(procs: list[psutil.Process], read: Callable[[psutil.Process], float]) -> float:
+    """Sum of ``read(proc)`` over the processes still alive."""
     total = 0.0
     for proc in procs:
         try:
-            t = proc.cpu_times()
-            total += t.user + t.system
+            total += read(proc)
         except psutil.NoSuchProcess:
             pass
     return total
+
+
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    """User + system CPU seconds of ``procs`` so far (the ones still alive)."""
+    return _total(procs, lambda p: sum(p.cpu_times()[:2]))
 
 
 def machine_busy() -> float:
@@ -37,24 +42,12 @@ def machine_busy() -> float:
 
 def rss_bytes(procs: list[psutil.Process]) -> int:
     """Resident memory of ``procs`` together."""
-    total = 0
-    for proc in procs:
-        try:
-            total += proc.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total
+    return int(_total(procs, lambda p: p.memory_info().rss))
 
 
 def wakeups(procs: list[psutil.Process]) -> int:
     """Voluntary context switches of ``procs`` so far: how often they slept and were woken."""
-    total = 0
-    for proc in procs:
-        try:
-            total += proc.num_ctx_switches().voluntary
-        except psutil.NoSuchProcess:
-            pass
-    return total
+    return int(_total(procs, lambda p: p.num_ctx_switches().voluntary))
 
 
 Mark = tuple[float, float, float, float, int, int]
