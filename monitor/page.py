@@ -38,6 +38,7 @@ STYLE = """
  figure { margin: 1.2em 0 2em } img { max-width: 100%; display: block }
  figcaption, .note { color: #555 }
  code { background: #f4f4f4; padding: 0 .2em }
+ .side { display: flex; flex-wrap: wrap; gap: 0 2em } .side h3 { margin-bottom: 0 }
 """
 
 
@@ -97,8 +98,10 @@ COST_COLUMNS: tuple[tuple[str, str | None, Any], ...] = (
     ("generated", "generated", fmt.count),
     ("granted", "granted", fmt.count),
     ("claimed", "claimed", fmt.count),
-    ("client CPU/req", "cpu_us_per_request", fmt.micros),
+    ("client CPU/req", "cpu_us_per_request", fmt.micros),  # smoke: the agents' own figure
+    ("client CPU/req", "client_cpu_us_per_request", fmt.micros),  # scale bench
     ("server CPU/req", "server_cpu_us_per_request", fmt.micros),
+    ("machine CPU", "machine_cpu_percent", lambda x: "-" if x is None else f"{x:.0f}%"),
     ("server RSS/conn", "server_bytes_per_connection", fmt.size),
     ("client RSS/conn", "client_bytes_per_connection", fmt.size),
     ("loop lag", "loop_lag_max_ms", fmt.ms),

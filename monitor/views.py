@@ -127,11 +127,15 @@ VIEWS: tuple[View, ...] = (
 )
 
 
+# The views Graphite can draw: the others (CPU, memory) exist only in a run's records.
+GRAPHITE_VIEWS: tuple[View, ...] = tuple(v for v in VIEWS if any(s.target for s in v.series))
+
+
 def graphite_urls(graphite_url: str, since: str | int = "-15min",
                   until: str | int = "now") -> dict[str, str]:
     """graphite-web render URLs (PNG) for each view: the saved graphs, live or for a run."""
     urls = {}
-    for view in VIEWS:
+    for view in GRAPHITE_VIEWS:
         params: list[tuple[str, str]] = [
             ("target", _labelled(s)) for s in view.series if s.target]
         params += [("from", str(since)), ("until", str(until)), ("title", view.title),
@@ -147,7 +151,7 @@ def dashboard_state(name: str = "hongbao", minutes: int = 15) -> dict:
     the main views live, refreshed every 5 s.
     """
     graphs = []
-    for view in VIEWS:
+    for view in GRAPHITE_VIEWS:
         targets = [_labelled(s) for s in view.series if s.target]
         params = {"target": targets, "title": view.title, "vtitle": view.ylabel}
         query = urllib.parse.urlencode([("target", t) for t in targets]

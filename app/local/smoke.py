@@ -9,10 +9,11 @@ envelopes and group envelopes (with claims) during the loaded phases.
 
 It writes ``runs/<timestamp>/seconds.jsonl`` (one object per second),
 ``summary.json``, the process logs and the graphs, prints a summary table,
-and exits non-zero when the ledger does not balance or a loaded phase has
-fewer than 95% of its steady seconds within ±2% of the target (at the
-client and at the server). Every process it starts runs in its own session
-and is stopped by PID on the way out, also on Ctrl-C or failure.
+and exits non-zero when the ledger does not balance or a loaded phase fails
+(app.local.summary: fewer than 95% of its steady seconds served within ±2%
+of the target at the server or the clients, or p99 >= 100 ms). Every
+process it starts runs in its own session and is stopped by PID on the way
+out, also on Ctrl-C or failure.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -347,7 +348,10 @@ def write_graphs(run_dir: Path) -> list[Path]:
     optional layer with its own dependencies), and a report that fails or hangs
     costs the run its pictures, never its verdict. Returns the files written.
     """
-    cmd = [sys.executable, "-m", "monitor.report", "--run", str(run_dir)]
+    # Graphite only when this run sent its metrics there (make smoke sets the variable
+    # exactly then); else the run's own records, never whatever a running stack holds.
+    graphite = os.environ.get("HONGBAO_GRAPHITE_URL", "")
+    cmd = [sys.executable, "-m", "monitor.report", "--run", str(run_dir), "--graphite", graphite]
     try:
         done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], capture_output=True,
                               text=True, timeout=REPORT_TIMEOUT)
