@@ -87,6 +87,14 @@ def _range(value: str) -> tuple[int, int]:
     return lo, hi
 
 
+def _int_list(value: str) -> tuple[int, ...]:
+    """Comma-separated whole numbers >= 0 ('' for none)."""
+    out = tuple(int(v) for v in str(value).split(",") if v.strip())
+    if any(n < 0 for n in out):
+        raise ValueError(f"expected numbers >= 0, got {value!r}")
+    return out
+
+
 def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     return tuple(ipaddress.ip_network(v.strip()) for v in str(value).split(",") if v.strip())
 
@@ -122,10 +130,14 @@ class Setting:
 
     @property
     def env(self) -> str:
-        return self.env_name or "HONGBAO_" + self.name.upper()
+        """HONGBAO_<NAME>; a scale-bench setting HONGBAO_SCALE_<NAME> (none clash then)."""
+        if self.env_name:
+            return self.env_name
+        prefix = "HONGBAO_SCALE_" if self.sections == ("scale",) else "HONGBAO_"
+        return prefix + self.name.upper()
 
 
-S, C, M = ("server",), ("client",), ("smoke",)
+S, C, M, Z = ("server",), ("client",), ("smoke",), ("scale",)
 
 SETTINGS: tuple[Setting, ...] = (
     # --- server
@@ -165,8 +177,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("host_index", _non_negative, "0", "this host's index in the fleet", C),
     Setting("hosts", _positive, "1", "hosts in the fleet (for /qps?total=)", C),
     Setting("qps", _non_negative, "0", "this host's SHAKEs per second at start", C),
-    Setting("pacing", _choice("even", "burst"), "even", "spread each second or burst", C + M),
-    Setting("ticks", _positive, "100", "pacing ticks per second (same on every host)", C + M),
+    Setting("pacing", _choice("even", "burst"), "even", "spread each second or burst",
+            C + M + Z),
+    Setting("ticks", _positive, "100", "pacing ticks per second (same on every host)",
+            C + M + Z),
     Setting("processes", _non_negative, "0", "worker processes (0: as the fd limit needs)", C),
     Setting("connect_rate", _positive, "5000", "new connections per second, whole host", C + M),
     # --- smoke run (one machine: server + simulated client hosts)
@@ -181,6 +195,29 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("phase_seconds", _positive, "30", "seconds of each loaded phase", M),
     Setting("idle_seconds", _positive, "10", "seconds of the idle phase", M),
     Setting("run_dir", str, "runs", "directory that gets one run/<timestamp> per run", M),
+    # --- scale bench (python -m app.bench scale): one machine, many simulated hosts
+    Setting("connections", _positive, "1000000", "connections over all simulated hosts", Z),
+    Setting("hosts", _positive, "17", "simulated client hosts", Z),
+    Setting("phases", _int_list, "30000,60000",
+            "fleet-wide QPS of each phase, comma separated ('' for none)", Z),
+    Setting("hold", _non_negative, "60", "seconds to hold the connections before the phases",
+            Z),
+    Setting("phase_seconds", _positive, "60", "seconds of each phase", Z),
+    Setting("sets", _sets, "auto", "server SET workers, or 'auto' (descriptor limit)", Z),
+    Setting("connect_rate", _positive, "6000", "new connections per second over all hosts "
+            "(the server on this machine logs in ~7k/s; faster only queues logins)", Z),
+    Setting("connect_timeout", _positive, "900", "seconds for every connection to log in", Z),
+    Setting("mem_floor_mb", _positive, "1536",
+            "stop cleanly when MemAvailable falls below this (MiB)", Z),
+    Setting("client_nice", _non_negative, "10",
+            "nice value of the co-located client agents (0: none)", Z),
+    Setting("netns", _choice("auto", "yes", "no"), "auto",
+            "run inside a network namespace it creates (auto: when root)", Z),
+    Setting("floor", _choice("auto", "no"), "auto", "first run the same traffic through the C "
+            "floor (app/bench/floor.c; the syscall floor without a compiler)", Z),
+    Setting("floor_seconds", _non_negative, "0",
+            "seconds per floor phase (0: the phase length, at most 20)", Z),
+    Setting("run_dir", str, "", "this run's directory (default runs/scale-<UTC time>)", Z),
     # --- shared
     Setting("statsd", _optional_address, "", "HOST:PORT of statsd (empty: no metrics)",
             S + C + M),
@@ -319,8 +356,15 @@ def _check_client(config: Config) -> None:
                            "below hosts (hosts are numbered 0..hosts-1)")
 
 
+def _check_scale(config: Config) -> None:
+    if config.hosts > config.connections:
+        raise SettingError(f"{_named(config, 'hosts', 'connections')}: every simulated host "
+                           "needs at least one connection")
+
+
 CHECKS: dict[str, Callable[[Config], None]] = {"server": _check_server,
-                                               "client": _check_client}
+                                               "client": _check_client,
+                                               "scale": _check_scale}
 
 
 def check(config: Config) -> None:

@@ -93,3 +93,14 @@ def test_campaign_shares_add_up_to_the_rate_and_the_sum_for_any_set_count(rate, 
         assert all(s == 0 for r, s in parts if r == 0)  # nothing left where nothing generates
         # in proportion: no SET's sum is off its rate's part by a whole envelope or more
         assert all(abs(s - total * r / rate) < 1 for r, s in parts)
+
+
+def test_the_scale_bench_reads_the_same_table_under_its_own_names():
+    environ = {"HONGBAO_SCALE_PHASES": "3000,6000", "HONGBAO_CONNECTIONS": "5",
+               "HONGBAO_TICKS": "50"}
+    config = resolve("scale", environ=environ)
+    assert config.phases == (3000, 6000) and config.ticks == 50
+    assert config.connections == 1_000_000  # a client's HONGBAO_CONNECTIONS is not the bench's
+    assert resolve("scale", environ={"HONGBAO_SCALE_PHASES": ""}).phases == ()
+    with pytest.raises(SettingError, match="phases"):
+        resolve("scale", environ={"HONGBAO_SCALE_PHASES": "100,-5"})
