@@ -97,9 +97,10 @@ def test_campaign_shares_add_up_to_the_rate_and_the_sum_for_any_set_count(rate, 
 
 def test_the_scale_bench_reads_the_same_table_under_its_own_names():
     environ = {"HONGBAO_SCALE_PHASES": "3000,6000", "HONGBAO_CONNECTIONS": "5",
-               "HONGBAO_TICKS": "50"}
+               "HONGBAO_TICKS": "50", "HONGBAO_SCALE_TICKS": "25"}
     config = resolve("scale", environ=environ)
-    assert config.phases == (3000, 6000) and config.ticks == 50
+    assert config.phases == (3000, 6000) and config.ticks == 25
+    assert resolve("client", environ=environ).ticks == 50
     assert config.connections == 1_000_000  # a client's HONGBAO_CONNECTIONS is not the bench's
     assert resolve("scale", environ={"HONGBAO_SCALE_PHASES": ""}).phases == ()
     with pytest.raises(SettingError, match="phases"):

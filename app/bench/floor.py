@@ -30,7 +30,7 @@ from typing import Any
 
 import psutil
 
-from app.bench.cpu import cpu_seconds, machine_busy
+from app.bench import cpu
 from app.client.agent import PER_PROCESS
 from app.client.histogram import Histogram
 from app.local.procs import stop_group
@@ -141,12 +141,11 @@ class FloorRun:
         for q in phases:
             spans.append((q, at, at + seconds))
             at += seconds
-        marks: dict[int, tuple[float, float, float, float]] = {}
+        marks: dict[int, cpu.Mark] = {}
         for q, first, end in spans:  # CPU over each phase from its second second to its end
             for when in (first + 1, end):
                 time.sleep(max(0.0, when - time.time()))
-                marks[when] = (time.time(), cpu_seconds(self.servers),
-                               cpu_seconds(self.clients), machine_busy())
+                marks[when] = cpu.mark(self.servers, self.clients)
             self.figures.setdefault("cpu", {})[q] = (marks[first + 1], marks[end])
         for proc in self.clients:
             proc.wait(timeout=60)
@@ -179,9 +178,8 @@ class FloorRun:
             for t in range(first, end):
                 hist.merge(hists.get(t, Histogram()))
             start_mark, end_mark = self.figures["cpu"][q]
-            elapsed = end_mark[0] - start_mark[0]
             window = range(int(start_mark[0]), int(end_mark[0]))
-            served = sum(answered.get(t, 0) for t in window) or 1
+            served = sum(answered.get(t, 0) for t in window)
             server_within = within_share(arrival, steady, q)
             client_within = within_share(answered, steady, q)
             rows.append({
@@ -190,10 +188,7 @@ class FloorRun:
                 "passed": (min(server_within, client_within) >= REQUIRED
                            and (hist.percentile(99) or 0) < 100),
                 "latency_p50_ms": hist.percentile(50), "latency_p99_ms": hist.percentile(99),
-                "server_cpu_us_per_request": round((end_mark[1] - start_mark[1]) / served * 1e6, 1),
-                "client_cpu_us_per_request": round((end_mark[2] - start_mark[2]) / served * 1e6, 1),
-                "machine_cpu_percent": round(100 * (end_mark[3] - start_mark[3]) / elapsed
-                                             / (os.cpu_count() or 1)),
+                **cpu.costs(start_mark, end_mark, served),
             })
         return rows
 

@@ -43,8 +43,8 @@ from typing import Any
 import psutil
 
 from app import settings
-from app.bench import floor
-from app.bench.cpu import cpu_seconds, machine_busy, rss_bytes, tree
+from app.bench import cpu, floor
+from app.bench.cpu import rss_bytes, tree
 from app.client.histogram import Histogram
 from app.local import netns
 from app.local.runner import LocalFleet, get_json, progress
@@ -117,7 +117,7 @@ class ScaleRun:
         self.phases: list[Phase] = []
         self.polled: dict[int, dict[str, Any]] = {}
         self.figures: dict[str, Any] = {"stopped_by": None}
-        self.cpu_marks: dict[str, tuple[float, float, float, float]] = {}
+        self.cpu_marks: dict[str, cpu.Mark] = {}
         self.mem_floor = args.mem_floor_mb * 2**20
 
     # ------------------------------------------------------------- processes
@@ -205,35 +205,83 @@ class ScaleRun:
                                 "server_lowest": server_low, "seconds": a.hold,
                                 "dropped": max(0, a.connections - min(low, server_low))}
 
+    def add_phase(self, qps: int, at: int) -> Phase:
+        phase = Phase(f"{qps // 1000}k" if qps >= 1000 else str(qps), qps, at,
+                      at + self.args.phase_seconds)
+        self.phases.append(phase)
+        self.fleet.set_total(qps, at)
+        return phase
+
     def run_phases(self) -> None:
+        """The planned phases back to back, then (``--ramp``) steps up until one fails."""
         a = self.args
         at = int(time.time()) + 3
         for qps in a.phases:
-            self.phases.append(Phase(f"{qps // 1000}k" if qps >= 1000 else str(qps), qps, at,
-                                     at + a.phase_seconds))
-            self.fleet.set_total(qps, at)
+            self.add_phase(qps, at)
             at += a.phase_seconds
-        self.fleet.set_total(0, at)
-        span = at - self.phases[0].start
+        ramping = a.ramp > 0
+        if not ramping:
+            self.fleet.set_total(0, at)
+        span = at - self.phases[0].start + (a.ramp_steps * a.phase_seconds if ramping else 0)
         self.fleet.start_envelopes(SHAKE_ENVELOPES_PER_S, SHAKE_ENVELOPES_PER_S * span,
                                    GROUPS_PER_S, GROUPS_PER_S * span, a.connections)
-        cpu_marks: dict[str, tuple[float, float, float, float]] = {}
+        cpu_marks: dict[str, cpu.Mark] = {}
         self.cpu_marks = cpu_marks  # kept up to date: a run stopped mid-phase still reports
+        judged: set[str] = set()
+        steps = 0
         while time.time() < at + 2:
             self.check()
             now = time.time()
             for phase in self.phases:
                 # CPU over the phase's steady part: from its second second to its end
                 if phase.name not in cpu_marks and now >= phase.start + 1:
-                    cpu_marks[phase.name] = (now, cpu_seconds(self.server_procs()),
-                                             cpu_seconds(self.client_procs()), machine_busy())
+                    cpu_marks[phase.name] = cpu.mark(self.server_procs(), self.client_procs())
                 key = phase.name + ":end"
                 if key not in cpu_marks and now >= phase.end and phase.name in cpu_marks:
-                    cpu_marks[key] = (now, cpu_seconds(self.server_procs()),
-                                      cpu_seconds(self.client_procs()), machine_busy())
+                    cpu_marks[key] = cpu.mark(self.server_procs(), self.client_procs())
+            if ramping and now >= at - 2:  # the next step starts where the last one ends
+                if steps < a.ramp_steps:
+                    self.add_phase(self.phases[-1].target + a.ramp, at)
+                    at += a.phase_seconds
+                    steps += 1
+                else:
+                    self.fleet.set_total(0, at)
+                    ramping = False
+            for phase in self.phases:
+                if a.ramp and phase.name not in judged and now >= phase.end + 2:
+                    judged.add(phase.name)
+                    if not self.judge(phase) and ramping:  # stop at the first failing step
+                        at = min(at, int(now) + 1)
+                        self.fleet.set_total(0, at)
+                        self.phases = [p for p in self.phases if p.start < at]
+                        self.phases[-1].end = min(self.phases[-1].end, at)
+                        ramping = False
             self.poll_second(now)
             time.sleep(max(0.05, 1.0 - (time.time() % 1.0) + 0.3))
+        if a.ramp:  # the last step ended within the loop's last two seconds
+            for phase in self.phases:
+                if phase.name not in judged:
+                    self.judge(phase)
         sys.stderr.write("\n")
+
+    def judge(self, phase: Phase) -> bool:
+        """Whether a finished phase passed, kept in figures["ramp"] as the run goes."""
+        stats = self.fleet.server_stats(int(time.time()) - phase.start + 2, tries=2, timeout=30)
+        clients = self.fleet.client_stats(phase.start - 1, timeout=30)
+        row = phase_summary(phase, build_seconds(stats, clients, self.polled, phase.start,
+                                                 phase.end))
+        ramp = self.figures.setdefault("ramp", {"step": self.args.ramp, "steps": [],
+                                                "highest_passing": None, "first_failing": None})
+        ramp["steps"].append({"target": phase.target, "passed": row["passed"],
+                              "reasons": row["reasons"]})
+        if row["passed"] and ramp["first_failing"] is None:
+            ramp["highest_passing"] = max(ramp["highest_passing"] or 0, phase.target)
+        elif not row["passed"] and ramp["first_failing"] is None:
+            ramp["first_failing"] = phase.target
+            ramp["why"] = row["reasons"]
+        sys.stderr.write(f"\n{phase.name}: {'passed' if row['passed'] else 'FAILED'} "
+                         f"{'; '.join(row['reasons'])}\n")
+        return row["passed"]
 
     def poll_second(self, now: float) -> None:
         snap = self.fleet.snapshot(self.polled, self.phases, now, timeout=5)
@@ -248,9 +296,13 @@ class ScaleRun:
     # ------------------------------------------------------------- figures
     def measure_idle(self, key: str) -> None:
         mem = meminfo()
+        clients = self.client_procs()
+        # counted before the RSS is read: a connection made meanwhile is charged, not free
+        connections = self.fleet.connections() if clients else 0
         self.figures[key] = {
             "server_rss": rss_bytes(self.server_procs()),
-            "client_rss": rss_bytes(self.client_procs()),
+            "client_rss": rss_bytes(clients), "processes": len(clients),
+            "connections": connections,
             "used": mem["MemTotal"] - mem["MemAvailable"],
             "slab": mem.get("Slab", 0),
         }
@@ -262,11 +314,21 @@ class ScaleRun:
             return
         server = after["server_rss"] - before["server_rss"]
         client = after["client_rss"] - before["client_rss"]
+        # The client side per connection is its growth from the processes just
+        # started (few connections yet) to all connected; the processes' own
+        # interpreter is a fixed cost, shown apart.
+        started = self.figures.get("mem_clients_started") or before
+        grown = n - started.get("connections", 0)
+        marginal = (after["client_rss"] - started["client_rss"]) / grown if grown > 0 else None
         # Kernel: the slab growth (socket structures of both ends, epoll items,
         # dentries) per client-server pair. "used" moves with whatever else runs
         # on the machine, so it is kept as a cross-check only.
         self.figures["bytes_per_connection"] = {
-            "server_user": round(server / n), "client_user": round(client / n),
+            "server_user": round(server / n),
+            "client_user": round(marginal) if marginal is not None else None,
+            "client_user_all_in": round(client / n),
+            "client_process_mb": round(started["client_rss"] / max(1, started.get("processes", 1))
+                                       / 2**20, 1),
             "kernel_pair": round((after["slab"] - before["slab"]) / n),
             "machine_used": round((after["used"] - before["used"]) / n),
         }
@@ -324,17 +386,7 @@ class ScaleRun:
         if not (start and end):
             return {}
         window = [r for r in seconds if start[0] <= r["t"] + 1 and r["t"] < int(end[0])]
-        answered = sum(r["client_answered"] for r in window) or 1
-        elapsed = end[0] - start[0]
-        return {
-            "server_cpu_us_per_request": round((end[1] - start[1]) / answered * 1e6, 1),
-            "client_cpu_us_per_request": round((end[2] - start[2]) / answered * 1e6, 1),
-            "server_cpu_percent": round(100 * (end[1] - start[1]) / elapsed),
-            "client_cpu_percent": round(100 * (end[2] - start[2]) / elapsed),
-            # of all cores: 100% means the machine had no CPU left to give
-            "machine_cpu_percent": round(100 * (end[3] - start[3]) / elapsed
-                                         / (os.cpu_count() or 1)),
-        }
+        return cpu.costs(start, end, sum(r["client_answered"] for r in window))
 
 
 def run_floor(args: settings.Config, out_dir: Path) -> dict[str, Any]:
@@ -406,30 +458,45 @@ def print_table(result: dict[str, Any]) -> str:
         f"held for {held.get('seconds', 0):>3} s              {held.get('server_lowest', '-'):>10}"
         f"   (lowest at the server; dropped {held.get('dropped', '-')})",
         f"bytes per connection      server user {bpc.get('server_user', '-')}, client user "
-        f"{bpc.get('client_user', '-')}, kernel slab per pair {bpc.get('kernel_pair', '-')} "
-        f"(whole machine {bpc.get('machine_used', '-')})",
+        f"{bpc.get('client_user', '-')} (+ {bpc.get('client_process_mb', '-')} MiB a client "
+        f"process; all in {bpc.get('client_user_all_in', '-')}), kernel slab per pair "
+        f"{bpc.get('kernel_pair', '-')} (whole machine {bpc.get('machine_used', '-')})",
         f"RSS totals                server {f.get('server_rss_total_mb', '-')} MiB, clients "
         f"{f.get('client_rss_total_mb', '-')} MiB; kernel TCP memory peak "
         f"{f.get('tcp_mem_peak_pages', '-')} pages",
         f"worst loop lag / GC pause {f.get('loop_lag_max_ms', '-')} ms / "
         f"{f.get('gc_pause_max_ms', '-')} ms (server SETs, last 300 s; per phase below)", ""]
-    head = ("phase", "target", "server/s", "±2% s", "p50", "p99", "p999", "srv µs/req",
-            "cli µs/req", "srv CPU%", "cli CPU%", "box CPU%", "lag ms", "GC ms")
-    fmt = "{:<6}{:>8}{:>10}{:>8}{:>8}{:>8}{:>8}{:>11}{:>11}{:>9}{:>9}{:>9}{:>8}{:>7}"
+    head = ("phase", "target", "served/s", "srv±2%", "cli±2%", "p50", "p99", "p999",
+            "srv µs/req", "cli µs/req", "srv CPU%", "cli CPU%", "box CPU%", "srv wk/s",
+            "cli wk/s", "lag ms", "GC ms")
+    fmt = ("{:<6}{:>8}{:>10}{:>8}{:>8}{:>8}{:>8}{:>8}{:>11}{:>11}{:>9}{:>9}{:>9}{:>9}{:>9}"
+           "{:>8}{:>7}")
+    lines.append("by arrival at the server and answer at the clients; µs/req and wake-ups "
+                 "(voluntary context switches) over the phase's steady seconds")
     lines.append(fmt.format(*head))
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.0f}%"
+
     for r in f.get("phases", []):
-        within = r.get("server_within")
+        within, answered = r.get("server_within"), r.get("client_within")
         r = {k: "-" if v is None else round(v, 1) if isinstance(v, float) else v
              for k, v in r.items()}
         lines.append(fmt.format(
-            r["phase"], r["target"], r["server_qps"],
-            "-" if within is None else f"{100 * within:.0f}%",
+            r["phase"], r["target"], r["server_qps"], pct(within), pct(answered),
             r.get("latency_p50_ms") or "-", r.get("latency_p99_ms") or "-",
             r.get("latency_p999_ms") or "-", r.get("server_cpu_us_per_request", "-"),
             r.get("client_cpu_us_per_request", "-"), r.get("server_cpu_percent", "-"),
             r.get("client_cpu_percent", "-"), r.get("machine_cpu_percent", "-"),
+            r.get("server_wakeups_per_s", "-"), r.get("client_wakeups_per_s", "-"),
             r.get("loop_lag_max_ms", "-"),
             r.get("gc_pause_max_ms", "-")))
+    ramp = f.get("ramp")
+    if ramp:
+        lines.append(f"ramp (+{ramp['step']}/s a step): highest passing rate "
+                     f"{ramp['highest_passing'] or 'none'}/s at {f['target_connections']} "
+                     f"connections; first failing step {ramp['first_failing'] or 'none'}"
+                     + (f" ({'; '.join(ramp.get('why', []))})" if ramp.get("why") else ""))
     lines += floor_lines(f)
     ledger = f.get("ledger", {})
     lines += ["", f"ledger balanced: {ledger.get('balanced')}  generated "
@@ -466,6 +533,7 @@ def inner(args: settings.Config) -> int:
         time.sleep(1.0)
         run.measure_idle("mem_empty")
         run.start_clients()
+        run.measure_idle("mem_clients_started")
         run.connect_all()
         time.sleep(2.0)
         run.measure_idle("mem_connected")

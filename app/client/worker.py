@@ -85,13 +85,17 @@ ERROR_EVENTS = select.EPOLLERR | select.EPOLLHUP
 
 
 class Conn:
-    """One user's connection; ``sent`` holds the send times of unanswered SHAKEs.
+    """One user's connection; ``sent_at`` is the send time of its unanswered SHAKE (0: none).
+
+    Closed loop: a user is asked again only once its previous SHAKE was
+    answered (``Worker.run_tick`` skips and counts it otherwise), so one float
+    is all the in-flight state a user needs.
 
     ``session`` (the protocol's rules, ``app.protocol.session``) is new for each
     connection attempt and None while the user is down.
     """
 
-    __slots__ = ("pos", "userid", "fd", "state", "out", "session", "sent", "attempt", "since",
+    __slots__ = ("pos", "userid", "fd", "state", "out", "session", "sent_at", "attempt", "since",
                  "asks", "asked")
 
     def __init__(self, pos: int, userid: int) -> None:
@@ -101,7 +105,7 @@ class Conn:
         self.state = DOWN
         self.out = b""
         self.session: ClientSession | None = None
-        self.sent: list[float] = []
+        self.sent_at = 0.0
         self.attempt = 0
         self.since = 0.0
         self.asks = 0  # SHAKEs sent for this user, and the second of the last one
@@ -147,7 +151,9 @@ class Worker:
     # --- per-second counters -------------------------------------------------
     def _reset_counters(self) -> None:
         self.sent: dict[int, int] = {}  # by stamped second
-        self.skipped: dict[int, int] = {}  # asked while that user's connection was down
+        self.skipped: dict[int, int] = {}  # asked while that user's connection was down, or
+        # while its previous SHAKE was still unanswered (closed loop: those also in busy)
+        self.busy = 0
         self.answered = 0
         self.results: dict[int, int] = {}
         self.hist = Histogram()
@@ -176,6 +182,7 @@ class Worker:
             "reconnects": self.reconnects, "connect_failures": self.connect_failures,
             "connects": self.connects, "ticks_skipped": self.ticks_skipped,
             "lost": self.lost, "errors": self.errors, "connections": self.ready,
+            "busy": self.busy,
             "qps": self.qps, "lag_ms": round(self.lag * 1000, 3),
         }
         sent, skipped = self.sent, self.skipped
@@ -229,8 +236,8 @@ class Worker:
         close_fd(conn.fd)
         self.by_fd.pop(conn.fd, None)
         self.pending.pop(conn.pos, None)
-        self.lost += len(conn.sent)
-        conn.fd, conn.state, conn.out, conn.session, conn.sent = -1, DOWN, b"", None, []
+        self.lost += conn.sent_at > 0.0
+        conn.fd, conn.state, conn.out, conn.session, conn.sent_at = -1, DOWN, b"", None, 0.0
         self._retry(conn, now, failed=not was_up)
 
     def _connect_due(self, now: float) -> None:
@@ -312,8 +319,9 @@ class Worker:
                 self.results[result] = self.results.get(result, 0) + 1
                 if result == ShakeCode.GOT:
                     self.shake_amount += frame.amount
-                if conn.sent:
-                    self.hist.record(int((now - conn.sent.pop(0)) * 1e6))
+                if conn.sent_at:
+                    self.hist.record(int((now - conn.sent_at) * 1e6))
+                    conn.sent_at = 0.0
             elif kind is EnvelopePush:
                 self.claims_sent += 1
                 self.send(conn, conn.session.claim(frame.envelope_id, int(now)), now)
@@ -380,16 +388,19 @@ class Worker:
         start, count = tick_span(second, k, self.qps, self.n, self.ticks, self.pacing)
         if not count:
             return
-        conns, base, sent, skipped = self.conns, self.begin, 0, 0
+        conns, base, sent, skipped, busy = self.conns, self.begin, 0, 0, 0
+        send = self.send
         for lo, hi in clip(start, count, self.n, self.begin, self.end):
-            for pos in range(lo, hi):
-                conn = conns[pos - base]
+            for conn in conns[lo - base:hi - base]:
                 if conn.state != READY:
                     skipped += 1
                     continue
-                self.send(conn, conn.session.shake(second), now)
+                if conn.sent_at:  # closed loop: its previous SHAKE is still unanswered
+                    busy += 1
+                    continue
+                send(conn, conn.session.shake(second), now)
                 if conn.state == READY:
-                    conn.sent.append(now)
+                    conn.sent_at = now
                     conn.asks += 1
                     conn.asked = second
                     sent += 1
@@ -397,8 +408,9 @@ class Worker:
                     skipped += 1  # the write found the connection gone
         if sent:
             self.sent[second] = self.sent.get(second, 0) + sent
-        if skipped:
-            self.skipped[second] = self.skipped.get(second, 0) + skipped
+        if skipped or busy:
+            self.skipped[second] = self.skipped.get(second, 0) + skipped + busy
+            self.busy += busy
 
     def idle(self, next_tick: float) -> bool:
         """True when the ticks until the next second would do nothing."""

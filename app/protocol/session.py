@@ -29,11 +29,11 @@ SET's CPU per shake is unchanged, see README).
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from enum import IntEnum
 from typing import NamedTuple
 
 from app.protocol.codec import (
-    FRAME_SIZES,
     LAYOUTS,
     RECIPIENTS,
     ClaimResult,
@@ -102,16 +102,20 @@ class ClaimRefused(NamedTuple):
 
 
 _new = tuple.__new__  # builds a NamedTuple without its Python-level __new__ (hot path)
+_OPEN = Phase.OPEN  # compared with ``is``: an enum attribute lookup costs more than the rest
+_CLOSED = Phase.CLOSED
 _HEAD = struct.Struct(">HH")
 _SHAKE = LAYOUTS[Command.SHAKE]
-_SHAKE_HEAD = _HEAD.pack(FRAME_SIZES[Command.SHAKE], Command.SHAKE)
 _SHAKE_SIZE = _SHAKE.size
+_SHAKE_CMD = int(Command.SHAKE)
+_unpack_shake = _SHAKE.unpack
 _LOGIN = LAYOUTS[Command.LOGIN]
 _CLAIM = LAYOUTS[Command.CLAIM]
 _LOGIN_RESULT = LAYOUTS[Command.LOGIN_RESULT]
 _SHAKE_RESULT = LAYOUTS[Command.SHAKE_RESULT]
-_SHAKE_RESULT_HEAD = _HEAD.pack(FRAME_SIZES[Command.SHAKE_RESULT], Command.SHAKE_RESULT)
 _SHAKE_RESULT_SIZE = _SHAKE_RESULT.size
+_SHAKE_RESULT_CMD = int(Command.SHAKE_RESULT)
+_unpack_shake_result = _SHAKE_RESULT.unpack
 _PUSH = LAYOUTS[Command.ENVELOPE_PUSH]
 _CLAIM_RESULT = LAYOUTS[Command.CLAIM_RESULT]
 
@@ -201,20 +205,21 @@ class ServerSession(_Session):
         self.userid = userid
         self.phase = Phase.OPEN
 
-    def receive(self, data: bytes) -> list[tuple]:
+    def receive(self, data: bytes) -> Sequence[tuple]:
         """Events of the frames now complete; raises ProtocolError on a broken rule.
 
         Before the LOGIN, decoding stops right after it (see ``LoggedIn``):
         call ``receive(b"")`` to go on with the bytes that followed it.
         """
         buf = self._buf + data if self._buf else data
-        if len(buf) == _SHAKE_SIZE and buf[:4] == _SHAKE_HEAD and self.phase == Phase.OPEN:
-            _, _, sent, userid = _SHAKE.unpack(buf)
-            self._buf = b""
-            if userid == 0 or userid == self.userid:
-                return [_new(ShakeAsked, (sent,))]
-            return [_new(ShakeRefused, (userid, sent))]
-        if self.phase == Phase.CLOSED:
+        if len(buf) == _SHAKE_SIZE and self.phase is _OPEN:
+            length, cmd, sent, userid = _unpack_shake(buf)
+            if length == _SHAKE_SIZE and cmd == _SHAKE_CMD:
+                self._buf = b""
+                if userid == 0 or userid == self.userid:
+                    return (_new(ShakeAsked, (sent,)),)
+                return (_new(ShakeRefused, (userid, sent)),)
+        if self.phase is _CLOSED:
             raise self._closed()
         events: list[tuple] = []
         offset = 0
@@ -282,14 +287,14 @@ class ClientSession(_Session):
         """CLAIM naming userid 0 ("me"), as the classic client sends it."""
         return _CLAIM.pack(_CLAIM.size, Command.CLAIM, second, 0, envelope_id)
 
-    def receive(self, data: bytes) -> list[tuple]:
+    def receive(self, data: bytes) -> Sequence[tuple]:
         buf = self._buf + data if self._buf else data
-        if (len(buf) == _SHAKE_RESULT_SIZE and buf[:4] == _SHAKE_RESULT_HEAD
-                and self.phase == Phase.OPEN):
-            _, _, sent, userid, result, eid, amount = _SHAKE_RESULT.unpack(buf)
-            self._buf = b""
-            return [_new(ShakeResult, (userid, result, eid, amount, sent))]
-        if self.phase == Phase.CLOSED:
+        if len(buf) == _SHAKE_RESULT_SIZE and self.phase is _OPEN:
+            length, cmd, sent, userid, result, eid, amount = _unpack_shake_result(buf)
+            if length == _SHAKE_RESULT_SIZE and cmd == _SHAKE_RESULT_CMD:
+                self._buf = b""
+                return (_new(ShakeResult, (userid, result, eid, amount, sent)),)
+        if self.phase is _CLOSED:
             raise self._closed()
         events: list[tuple] = []
         offset = 0
