@@ -110,7 +110,7 @@ class Supervisor:
     def worker_config(self) -> dict:
         keys = ("host", "journal_dir", "login_timeout", "shake_budget", "amount_min",
                 "amount_max", "group_amount_min", "group_amount_max", "claim_ttl", "statsd",
-                "log_level")
+                "log_level", "durability")
         return {k: getattr(self.config, k) for k in keys}
 
     def spawn_set(self, handle: SetHandle) -> None:
