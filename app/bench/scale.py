@@ -229,6 +229,9 @@ class ScaleRun:
         self.cpu_marks = cpu_marks  # kept up to date: a run stopped mid-phase still reports
         judged: set[str] = set()
         steps = 0
+        if ramping:
+            self.figures["ramp"] = {"step": a.ramp, "steps": [], "highest_passing": None,
+                                    "first_failing": None}
         while time.time() < at + 2:
             self.check()
             now = time.time()
@@ -240,7 +243,8 @@ class ScaleRun:
                 if key not in cpu_marks and now >= phase.end and phase.name in cpu_marks:
                     cpu_marks[key] = cpu.mark(self.server_procs(), self.client_procs())
             if ramping and now >= at - 2:  # the next step starts where the last one ends
-                if steps < a.ramp_steps:
+                passing = all(r["passed"] for r in self.figures["ramp"]["steps"])
+                if steps < a.ramp_steps and passing:
                     self.add_phase(self.phases[-1].target + a.ramp, at)
                     at += a.phase_seconds
                     steps += 1
@@ -250,7 +254,9 @@ class ScaleRun:
             for phase in self.phases:
                 if a.ramp and phase.name not in judged and now >= phase.end + 2:
                     judged.add(phase.name)
-                    if not self.judge(phase) and ramping:  # stop at the first failing step
+                    # a ramp step that fails ends the run; a planned phase that
+                    # fails only means the ramp never starts (checked above)
+                    if not self.judge(phase) and ramping and phase.target > a.phases[-1]:
                         at = min(at, int(now) + 1)
                         self.fleet.set_total(0, at)
                         self.phases = [p for p in self.phases if p.start < at]
@@ -270,8 +276,7 @@ class ScaleRun:
         clients = self.fleet.client_stats(phase.start - 1, timeout=30)
         row = phase_summary(phase, build_seconds(stats, clients, self.polled, phase.start,
                                                  phase.end))
-        ramp = self.figures.setdefault("ramp", {"step": self.args.ramp, "steps": [],
-                                                "highest_passing": None, "first_failing": None})
+        ramp = self.figures["ramp"]
         ramp["steps"].append({"target": phase.target, "passed": row["passed"],
                               "reasons": row["reasons"]})
         if row["passed"] and ramp["first_failing"] is None:
@@ -407,7 +412,7 @@ def attach_floor(result: dict[str, Any]) -> None:
     floors = {r["target"]: r for r in (result.get("floor") or {}).get("phases", [])}
     for row in result.get("phases", []):
         fl = floors.get(row["target"])
-        if not fl or "server_cpu_us_per_request" not in row:
+        if not fl or row.get("client_cpu_us_per_request") is None:
             continue
         floor_total = fl["server_cpu_us_per_request"] + fl["client_cpu_us_per_request"]
         total = row["server_cpu_us_per_request"] + row["client_cpu_us_per_request"]

@@ -102,7 +102,8 @@ def bench_server(args: argparse.Namespace) -> dict:
                "--shake-budget", str(10 * args.qps), "--log-level", "warning"]
         work = Path(tmp)
         cmd = server_command(work / "journal", 1, extra=[
-            "--shake-budget", str(10 * args.qps), "--log-level", "warning"])
+            "--shake-budget", str(10 * args.qps), "--log-level", "warning",
+            "--durability", args.durability])
         with process("server", cmd, SERVER_READY.pattern, work) as (_, match):
             port, control = int(match.group(1)), f"{match.group(2)}:{match.group(3)}"
             set_pid = get_json(control, "/stats")["per_set"][0]["pid"]
@@ -161,7 +162,8 @@ def print_table(results: dict, args: argparse.Namespace) -> None:
             "system_us_per_shake", "load_us_per_shake", "answered_per_s",
             "p50_ms", "p99_ms", "rss_empty_mb"]
     print(f"\nserver benchmark: {args.connections} connections, {args.qps} shakes/s offered, "
-          f"{args.seconds:g} s, one process each, load from a separate process")
+          f"{args.seconds:g} s, one process each, load from a separate process, "
+          f"journal durability {args.durability}")
     floor = syscall_floor()
     print(f"syscall floor (read 16 B + write 28 B on loopback, no logic): "
           f"{floor['cpu_us_per_shake']} us per shake")
@@ -186,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--qps", type=int, default=50000)
     srv.add_argument("--seconds", type=float, default=10.0)
     srv.add_argument("--json", help="also write the results to this file")
+    srv.add_argument("--durability", choices=("written", "fdatasync"), default="written",
+                     help="the SET's journal durability mode (README: Envelopes and the ledger)")
     sub.add_parser("scale", help="the full-size run: see 'scale --help' (app.bench.scale)",
                    add_help=False)
     argv = sys.argv[1:] if argv is None else argv

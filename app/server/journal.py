@@ -57,9 +57,26 @@ class JournalCorrupt(Exception):
     """The journal is damaged before its last record; refuse to guess."""
 
 
+class JournalRefused(Exception):
+    """The journal holds a request the current settings refuse (file and offset in the text)."""
+
+
 def encode_record(kind: bytes, *fields: int) -> bytes:
     body = kind + PAYLOADS[kind].pack(*fields)
     return body + CRC.pack(zlib.crc32(body))
+
+
+def record_size(kind: bytes) -> int:
+    return 1 + PAYLOADS[kind].size + CRC.size
+
+
+def record_offsets(records: list[tuple[bytes, tuple]]) -> list[int]:
+    """The byte offset of each record ``read_journal`` returned (sizes are fixed per type)."""
+    offsets, at = [], 0
+    for kind, _ in records:
+        offsets.append(at)
+        at += record_size(kind)
+    return offsets
 
 
 def _scan(data: bytes, name: str) -> Iterator[tuple[bytes, tuple, int]]:

@@ -27,6 +27,29 @@ GOT, NONE_LEFT, REFUSED, OVERLOAD = (int(c) for c in (
 ShakeAsked, ShakeRefused, ClaimAsked = p.ShakeAsked, p.ShakeRefused, p.ClaimAsked
 
 
+def campaign_problem(config: dict, kind: bytes, fields: tuple) -> str:
+    """Why ``config`` cannot run the campaign of journal record ``kind`` (Y or F); '' if it can.
+
+    Checked before a campaign is journaled and, at boot, on the campaigns
+    the journal replays: a SET never starts generating what would crash it.
+    """
+    rate, remaining = fields[0], fields[1]
+    if not rate or not remaining:
+        return ""
+    if kind == b"Y":
+        lo, hi = config["amount_min"], config["amount_max"]
+        if not 1 <= lo <= hi:
+            return f"amount_min {lo} and amount_max {hi} are not a range of positive amounts"
+        return ""
+    low, high = fields[2], fields[3]
+    if low > high:
+        return f"recipients' userid min {low} > max {high}"
+    lo, hi = config["group_amount_min"], config["group_amount_max"]
+    if lo > hi:
+        return f"group_amount_min {lo} > group_amount_max {hi}"
+    return ""
+
+
 def tick_share(rate: int, index: int) -> int:
     """Envelopes due in tick ``index`` so each second gets exactly ``rate``."""
     return rate * (index + 1) // GEN_TICKS - rate * index // GEN_TICKS

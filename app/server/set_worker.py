@@ -58,13 +58,15 @@ from app.server.journal import (
     MAGIC,
     VERSION,
     JournalCorrupt,
+    JournalRefused,
     JournalWriter,
     encode_record,
     read_journal,
+    record_offsets,
     write_snapshot,
 )
 from app.server.ledger import IdsExhausted, Ledger, LedgerError
-from app.server.service import GEN_TICKS, Service
+from app.server.service import GEN_TICKS, Service, campaign_problem
 from app.server.set_stats import SetStats
 from app.server.transport import Conn, Transport
 
@@ -109,7 +111,11 @@ class SetWorker:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor handles Ctrl-C
         die_with_parent()
         self.metrics = Metrics("hongbao.server", self.config.get("statsd") or None)
-        self._open_journal()
+        try:
+            self._open_journal()
+        except OSError as exc:  # e.g. a full disk: may pass, so restart rather than halt
+            raise SetHalt(f"cannot write the journal in {self.config['journal_dir']}: {exc}"
+                          ) from exc
         self.listener = self._listen()
         self.reactor = Reactor(self._dispatch, self.commit)
         self.reactor.register(self.listener.fileno(), READ)
@@ -134,6 +140,7 @@ class SetWorker:
                     f"{path} was written by SET {fields[2] if kind == b'H' else '?'} of "
                     f"{fields[3] if kind == b'H' else '?'}; this is SET {self.set_id} of "
                     f"{self.sets}: use a fresh --journal-dir or the same --sets")
+        self._check_campaigns(path, records)
         self.ledger = Ledger(self.set_id, self.sets)
         self.ledger.replay(records)
         self.replayed = {"records": len(records), "torn_bytes": torn}
@@ -142,8 +149,18 @@ class SetWorker:
         # Compact: rewrite the journal as a snapshot of the state just rebuilt.
         header = encode_record(b"H", MAGIC, VERSION, self.set_id, self.sets)
         write_snapshot(path, [header, *self.ledger.snapshot_records()])
-        self.journal = JournalWriter(path)
+        self.journal = JournalWriter(path, self.config.get("durability", "written"))
         self.ledger.journal = self.journal
+
+    def _check_campaigns(self, path: str, records: list[tuple[bytes, tuple]]) -> None:
+        """Refuse to boot into a campaign these settings cannot run (not a crash loop)."""
+        last = {kind: i for i, (kind, _) in enumerate(records) if kind in (b"Y", b"F")}
+        for kind, i in last.items():
+            why = campaign_problem(self.config, kind, records[i][1])
+            if why:
+                name = "shake" if kind == b"Y" else "group"
+                raise JournalRefused(f"{path} at byte {record_offsets(records)[i]}: its {name} "
+                                     f"campaign cannot run with these settings: {why}")
 
     def _listen(self) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -397,15 +414,22 @@ class SetWorker:
         if op == "stats":
             return self.stats_answer(request.get("audit", False), int(request.get("since", 0)))
         if op == "yao":
-            self.ledger.set_yao(int(request["rate"]), int(request["sum"]))
-            self.commit()
-            return {"ok": True}
+            fields = (int(request["rate"]), int(request["sum"]))
+            return self._campaign(b"Y", fields, self.ledger.set_yao)
         if op == "fa":
-            self.ledger.set_fa(int(request["rate"]), int(request["sum"]),
-                               int(request["min"]), int(request["max"]))
-            self.commit()
-            return {"ok": True}
+            fields = (int(request["rate"]), int(request["sum"]), int(request["min"]),
+                      int(request["max"]))
+            return self._campaign(b"F", fields, self.ledger.set_fa)
         raise ValueError(f"unknown op {op!r}")
+
+    def _campaign(self, kind: bytes, fields: tuple, start) -> dict:
+        """Journal a campaign this SET can run; refuse one it cannot, journaling nothing."""
+        why = campaign_problem(self.config, kind, fields)
+        if why:
+            return {"error": f"refused: {why}"}
+        start(*fields)
+        self.commit()
+        return {"ok": True}
 
     def stats_answer(self, audit: bool = False, since: int = 0) -> dict:
         """This SET's part of ``/stats``: per-second rows from ``since`` on."""
@@ -469,7 +493,7 @@ def run_worker(worker: SetWorker) -> int:
     except SetHalt as exc:
         log.error("SET %d stops (restartable): %s", worker.set_id, exc)
         return EXIT_RESTART
-    except (JournalCorrupt, LedgerError) as exc:
+    except (JournalCorrupt, JournalRefused, LedgerError) as exc:
         log.error("SET %d cannot boot: %s", worker.set_id, exc)
         return EXIT_BOOT_ERROR
     except OSError as exc:
