@@ -258,6 +258,7 @@ class Agent(Arbiter[Child]):
         m = self.metrics
         for child in self.children:
             m.gauge(f"p{child.index}.connections", child.last.get("connections", 0))
+            m.gauge(f"p{child.index}.restarts", child.restarts)
             for p in ("p50", "p99"):
                 if child.latency.get(p) is not None:
                     m.gauge(f"p{child.index}.latency_{p}_ms", child.latency[p])
