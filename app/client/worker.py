@@ -44,6 +44,7 @@ from typing import Any
 import gevent
 from gevent.event import Event
 
+from app.arbiter import EXIT_BOOT_ERROR
 from app.client.histogram import Histogram
 from app.client.schedule import Timeline, clip, tick_span
 from app.protocol import (
@@ -61,7 +62,6 @@ log = logging.getLogger("hongbao.client.worker")
 
 IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h; bind() then defers the port choice to connect()
 FD_RESERVE = 64  # descriptors kept free for the epoll, pipes and the odd HTTP request
-EXIT_CANNOT_BOOT = 3  # app.arbiter.EXIT_BOOT_ERROR: the parent halts, not restarts us
 EXIT_DIED = 1  # the reactor or the pacer greenlet died: the parent restarts us
 
 BACKOFF_BASE = 0.5  # seconds; first retry after a loss waits uniform(0, 0.5)
@@ -488,7 +488,7 @@ def raise_fd_limit(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if needed + FD_RESERVE > hard:
         sys.stderr.write(f"need {needed + FD_RESERVE} descriptors, hard limit is {hard}\n")
-        sys.exit(EXIT_CANNOT_BOOT)
+        sys.exit(EXIT_BOOT_ERROR)  # the agent halts instead of restarting us forever
 
 
 def main(argv: list[str] | None = None) -> None:
