@@ -95,6 +95,14 @@ def _int_list(value: str) -> tuple[int, ...]:
     return out
 
 
+def _bool(value: str) -> bool:
+    """yes/no, true/false, 1/0 (a bare flag means yes)."""
+    text = str(value).lower()
+    if text not in ("yes", "no", "true", "false", "1", "0"):
+        raise ValueError(f"expected yes or no, got {value!r}")
+    return text in ("yes", "true", "1")
+
+
 def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     return tuple(ipaddress.ip_network(v.strip()) for v in str(value).split(",") if v.strip())
 
@@ -130,14 +138,18 @@ class Setting:
 
     @property
     def env(self) -> str:
-        """HONGBAO_<NAME>; a scale-bench setting HONGBAO_SCALE_<NAME> (none clash then)."""
+        """HONGBAO_<NAME>; a benchmark's own setting HONGBAO_<BENCH>_<NAME> (none clash then)."""
         if self.env_name:
             return self.env_name
-        prefix = "HONGBAO_SCALE_" if self.sections == ("scale",) else "HONGBAO_"
+        (section, *more) = self.sections
+        prefix = BENCH_ENV.get(section, "HONGBAO_") if not more else "HONGBAO_"
         return prefix + self.name.upper()
 
 
 S, C, M, Z = ("server",), ("client",), ("smoke",), ("scale",)
+BS, BC = ("server_bench",), ("client_bench",)
+BENCH_ENV = {"scale": "HONGBAO_SCALE_", "server_bench": "HONGBAO_BENCH_SERVER_",
+             "client_bench": "HONGBAO_BENCH_CLIENT_"}
 
 SETTINGS: tuple[Setting, ...] = (
     # --- server
@@ -152,7 +164,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("journal_dir", str, "var/journal", "directory of the SET journals", S),
     Setting("login_timeout", _seconds, "10", "seconds a new connection has to LOGIN", S),
     Setting("durability", _choice("written", "fdatasync"), "written",
-            "answers wait for their journal write, or also its fdatasync (see README)", S),
+            "answers wait for their journal write, or also its fdatasync (see README)", S + BS),
     Setting("shake_budget", _positive, "100000", "server-wide SHAKEs per second before 17",
             S + M),
     Setting("amount_min", _positive, "1", "smallest shake envelope amount (cents)", S),
@@ -180,7 +192,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("hosts", _positive, "1", "hosts in the fleet (for /qps?total=)", C),
     Setting("qps", _non_negative, "0", "this host's SHAKEs per second at start", C),
     Setting("pacing", _choice("even", "burst"), "even", "spread each second or burst",
-            C + M + Z),
+            C + M + Z + BC),
     Setting("ticks", _positive, "100", "pacing ticks per second (same on every host)", C + M),
     Setting("processes", _non_negative, "0", "worker processes (0: as the fd limit needs)", C),
     Setting("connect_rate", _positive, "5000", "new connections per second, whole host", C + M),
@@ -227,6 +239,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("floor_seconds", _non_negative, "0",
             "seconds per floor phase (0: the phase length, at most 20)", Z),
     Setting("run_dir", str, "", "this run's directory (default runs/scale-<UTC time>)", Z),
+    # --- server bench (python -m app.bench server): one SET against a gevent StreamServer
+    Setting("connections", _positive, "5000", "idle logged-in connections to hold", BS),
+    Setting("qps", _positive, "50000", "SHAKEs per second offered", BS),
+    Setting("seconds", _seconds, "10", "seconds of load", BS),
+    Setting("json", str, "", "also write the results to this file", BS),
+    # --- client bench (python -m app.bench.client): one agent against a real server
+    Setting("users", _positive, "19000", "users (connections) of the agent", BC),
+    Setting("qps", _int_list, "8000,15000", "rates to measure, comma separated", BC),
+    Setting("seconds", _seconds, "10", "length of each measuring window", BC),
+    Setting("sets", _positive, "4", "server SET workers", BC),
+    Setting("source", _addresses, "127.1.0.9,127.1.0.10", "the agent's source addresses", BC,
+            flag="--sources"),
+    Setting("connect_rate", _positive, "5000", "the agent's new connections per second", BC),
+    Setting("restart", _bool, "no", "also measure a server restart", BC),
     # --- shared
     Setting("statsd", _optional_address, "", "HOST:PORT of statsd (empty: no metrics)",
             S + C + M),
@@ -276,12 +302,14 @@ def add_arguments(parser: argparse.ArgumentParser, section: str) -> None:
     """Add one flag per setting (values stay raw strings until resolve)."""
     parser.add_argument("--config", help=f"TOML config file (table [{section}])")
     for s in settings_for(section):
+        flag = {"nargs": "?", "const": "yes"} if s.type is _bool else {}  # a bare --flag: yes
         parser.add_argument(
             s.cli_flag,
             dest=s.name,
             default=None,
             metavar=s.metavar or s.name.upper(),
             help=f"{s.help} (default: {s.default or 'empty'}; env {s.env})",
+            **flag,
         )
 
 

@@ -5,6 +5,7 @@ Pure: no processes, no sockets (part of ``make check``).
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -19,7 +20,19 @@ from app.shares import campaign_shares, share
 def test_every_environment_name_means_one_thing():
     counts = Counter(s.env for s in SETTINGS)
     assert [env for env, n in counts.items() if n > 1] == []
-    assert {s.env for s in SETTINGS if s.name == "qps"} == {"HONGBAO_QPS", "HONGBAO_SMOKE_QPS"}
+    assert {s.env for s in SETTINGS if s.name == "qps"} == {
+        "HONGBAO_QPS", "HONGBAO_SMOKE_QPS", "HONGBAO_BENCH_SERVER_QPS", "HONGBAO_BENCH_CLIENT_QPS"}
+
+
+def test_no_setting_hides_behind_a_config_attribute():
+    reserved = set(dataclasses.fields(settings.Config)) | set(vars(settings.Config))
+    assert {s.name for s in SETTINGS} & {getattr(f, "name", f) for f in reserved} == set()
+
+
+def test_a_bare_boolean_flag_means_yes():
+    config = settings.parse("client_bench", ["--restart"])
+    assert config.restart is True and settings.parse("client_bench", []).restart is False
+    assert config.source == ("127.1.0.9", "127.1.0.10")
 
 
 def test_the_smoke_run_and_a_client_read_their_own_qps_from_the_environment():
