@@ -96,7 +96,7 @@ def build_api(sup: Supervisor) -> Api:
             "ok" if alive == sup.sets else "degraded")
         return {"status": status, "time": now(), "sets": sup.sets, "sets_alive": alive,
                 "failed": failed, "port": sup.port, "uptime": round(time.time() - sup.started, 3),
-                "restarts": sum(h.restarts for h in sup.handles)}
+                "restarts": sup.restarts()}
 
     @api.route("/stats")
     def stats(request: Request) -> dict:
