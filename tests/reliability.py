@@ -104,7 +104,7 @@ class AgentProcess:
     def __init__(self, log_path: Path, server_port: int, users: tuple[int, int],
                  qps: int = 0, source: str = "127.1.0.1", **flags: object) -> None:
         cmd = client_command(server_port, users, source.split(","), qps=qps,
-                             host_name="reliability", **flags)
+                             **{"host_name": "reliability", **flags})
         self.service = Service("agent", cmd, log_path, CLIENT_READY)
         self.log_path = log_path
         self.users = users[1] - users[0] + 1
