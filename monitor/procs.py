@@ -1,5 +1,6 @@
 """Process plumbing for monitor.stack: run a command, start a daemon in its own
-session, recognise it later by its command line, stop its whole group by pid.
+session, recognise it later by its command line. Stopping it by pid, then its
+group, is ``app.local.procs.stop_group`` (the one way it is done).
 
 Why a session per daemon: its process group id is then its pid, so a stop
 reaches the daemon's children (gunicorn's workers) without ever naming a
@@ -9,10 +10,7 @@ program (no pkill), and a test fixture stops exactly what it started.
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL for one group
@@ -59,29 +57,6 @@ def is_ours(pid: int, root: Path) -> bool:
         if value == conf or value.startswith(conf + b"/"):
             return True
     return False
-
-
-def stop_group(pgid: int, proc: subprocess.Popen | None = None) -> None:
-    """SIGTERM the group, wait up to STOP_TIMEOUT, then SIGKILL it; reap our child."""
-    for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, 2.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if proc is not None:
-                proc.poll()  # reap the leader so it does not linger as a zombie
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
-    if proc is not None:
-        try:
-            proc.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def tail(path: Path, lines: int = 15) -> str:

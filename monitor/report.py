@@ -47,13 +47,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from monitor import page
-from monitor.runs import RECORDS, PhaseSpan, finite, load_run
+from monitor.runs import RECORDS, PhaseSpan, finite, load_run, save_png
 from monitor.views import VIEWS, View, graphite_urls
 
 log = logging.getLogger("hongbao.report")
 
 GRAPHITE_SHIFT = 2.0  # seconds to subtract from a Graphite timestamp, see above
-SERIES_KEY = "hongbao-series"  # PNG text chunk with the drawn points, for checks
 
 Points = list[tuple[float, float]]  # (epoch second, value), values without gaps
 
@@ -190,6 +189,9 @@ def draw(view: View, series: dict[str, Points], path: Path, subtitle: str,
                 ax.annotate(span.name, (when(span.start), 1), xycoords=("data", "axes fraction"),
                             xytext=(3, -12), textcoords="offset points", fontsize=8,
                             color="#555")
+                if view.name == "qps":  # the band a served second must fall in
+                    ax.fill_between([when(span.start), when(span.end)], span.target * 0.98,
+                                    span.target * 1.02, color="#1a7f37", alpha=0.15, lw=0)
         for label, points in series.items():
             ax.plot([when(t) for t, _ in points], [v for _, v in points],
                     "--" if label in dashed else "-", label=label, linewidth=1.4,
@@ -205,21 +207,9 @@ def draw(view: View, series: dict[str, Points], path: Path, subtitle: str,
         ax.legend(loc="best", fontsize=9)
         fig.autofmt_xdate()
         fig.tight_layout()
-        drawn = {label: [[t, v] for t, v in points] for label, points in series.items()}
-        fig.savefig(path, metadata={SERIES_KEY: json.dumps(drawn, separators=(",", ":"))})
+        save_png(fig, path, series)
     finally:
         plt.close(fig)
-
-
-def drawn_series(path: Path) -> dict[str, Points]:
-    """The points a PNG written by draw() shows, read back from the file."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        text = image.text.get(SERIES_KEY)
-    if text is None:
-        raise ValueError(f"{path} carries no {SERIES_KEY} chunk")
-    return {label: [(t, v) for t, v in points] for label, points in json.loads(text).items()}
 
 
 def save_graphite_png(url: str, run_dir: Path, start: int, end: int) -> Path | None:
@@ -350,7 +340,21 @@ def main(argv: list[str] | None = None) -> int:
                         "else the local stack if it is up); '' for the run's records only")
     parser.add_argument("--from", dest="start", help="epoch, ISO 8601 (UTC) or -15min")
     parser.add_argument("--until", dest="end", help="epoch, ISO 8601 (UTC) or -1min; now")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("RUN_A", "RUN_B"),
+                        help="write one page comparing two run directories")
+    parser.add_argument("--out", type=Path, help="with --compare: the output directory "
+                        "(default: compare-A-vs-B next to RUN_A)")
     args = parser.parse_args(argv)
+    if args.compare:
+        from monitor.compare import write_compare
+
+        try:
+            page = write_compare(*args.compare, args.out)
+        except (OSError, ValueError) as exc:
+            print(f"monitor.report: {exc}", file=sys.stderr)
+            return 1
+        print(f"comparison: {page}")
+        return 0
     now = time.time()
     start = parse_time(args.start, now) if args.start else None
     end = parse_time(args.end, now) if args.end else None

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 RECORDS = "seconds.jsonl"
+SERIES_KEY = "hongbao-series"  # PNG text chunk with the points a graph shows
 SUMMARIES = ("summary.json", "result.json")  # smoke run, scale bench
 
 
@@ -104,3 +105,23 @@ def load_run(run_dir: Path | str) -> Run:
 def finite(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) \
         and not math.isnan(value)
+
+
+def save_png(fig: Any, path: Path, series: dict[str, Any]) -> None:
+    """Save a matplotlib figure with the points it shows in the PNG (``hongbao-series``).
+
+    So a check can hold the picture itself against the run's records.
+    """
+    data = {label: [[t, v] for t, v in points] for label, points in series.items()}
+    fig.savefig(path, metadata={SERIES_KEY: json.dumps(data, separators=(",", ":"))})
+
+
+def drawn_series(path: Path) -> dict[str, list[tuple[float, float]]]:
+    """The points a PNG written by save_png() shows, read back from the file."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        text = image.text.get(SERIES_KEY)
+    if text is None:
+        raise ValueError(f"{path} carries no {SERIES_KEY} chunk")
+    return {label: [(t, v) for t, v in points] for label, points in json.loads(text).items()}

@@ -42,7 +42,8 @@ import urllib.request
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from monitor.procs import StackError, digest, is_ours, run, spawn, stop_group, tail
+from app.local.procs import stop_group
+from monitor.procs import STOP_TIMEOUT, StackError, digest, is_ours, run, spawn, tail
 
 MONITOR_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = MONITOR_DIR.parent
@@ -381,7 +382,7 @@ class Stack:
                 continue
             proc = self._procs.get(name)
             if proc is not None or is_ours(pid, self.root):
-                stop_group(pid, proc)
+                stop_group(proc or pid, STOP_TIMEOUT, name)
                 stopped.append(name)
             self.pids.pop(name, None)
             self._procs.pop(name, None)

@@ -7,8 +7,9 @@ Run::
 Why: the decoder is the only code that reads bytes from strangers. The
 property checked on every input (``check``) is stronger than "does not
 crash": the input's first byte picks a chunk size, the rest is fed to an
-incremental ``Decoder`` in those chunks and to ``decode_frames`` whole;
-both must agree (same frames, or the same ``ProtocolError`` reason), the
+incremental ``Decoder`` in those chunks and to ``decode_frames`` whole
+(and the same for the SET's ``ServerSession``); both must agree (same
+frames, or the same ``ProtocolError`` reason), the
 decoder never buffers a whole frame's worth (``pending < MAX_FRAME``), only
 ``ProtocolError`` ever escapes, and every decoded frame re-encodes to
 exactly the bytes it came from. ``tests/test_decoder_fuzz.py`` runs this
@@ -52,6 +53,38 @@ def check(data: bytes) -> None:
         # Frames before the bad header are the same ones, whole or in chunks.
         encoded = b"".join(p.encode(f) for f in fed)
         assert body.startswith(encoded)
+    check_server_session(body, step)
+
+
+def feed_all(session: p.ServerSession, chunks: list[bytes]) -> list:
+    """Every event of ``chunks`` fed in order; after a LoggedIn, go on with what followed."""
+    events: list = []
+    for chunk in chunks:
+        got = session.receive(chunk)
+        while got and type(got[-1]) is p.LoggedIn:
+            events.extend(got)
+            got = session.receive(b"")
+        events.extend(got)
+    return events
+
+
+def _server_events(chunks: list[bytes]) -> tuple[list, str | None]:
+    session = p.ServerSession()
+    try:
+        events = feed_all(session, chunks)
+    except p.ProtocolError as exc:
+        return [], exc.reason
+    assert session.buffered < p.MAX_FRAME, session.buffered
+    return events, None
+
+
+def check_server_session(body: bytes, step: int) -> None:
+    """The SET's session decides the same, fed whole or in ``step``-byte chunks."""
+    whole, whole_error = _server_events([body])
+    fed, fed_error = _server_events([body[i : i + step] for i in range(0, len(body), step)])
+    assert fed_error == whole_error, (fed_error, whole_error)
+    if whole_error is None:
+        assert fed == whole
 
 
 SEEDS = [
@@ -77,8 +110,10 @@ if __name__ == "__main__":
     with atheris.instrument_imports(include=["app.protocol"]):
         import importlib
 
-        from app.protocol import codec
+        from app.protocol import codec, session
 
-        importlib.reload(codec)  # re-import under instrumentation: coverage of the codec
-        importlib.reload(p)  # the package's names now point at the instrumented codec
+        # Re-import under instrumentation, modules first, then the package that
+        # re-exports them: coverage of the codec and the session.
+        for module in (codec, session, p):
+            importlib.reload(module)
     main()

@@ -11,13 +11,9 @@ generous bounds in the tests themselves).
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +21,9 @@ from typing import Any
 
 import pytest
 
-from app.local.procs import stop_group
+from app.local.runner import CLIENT_READY, ROOT, Service, client_command, get_json
 
-ROOT = Path(__file__).resolve().parent.parent
 TABLE_PATH = ROOT / "var" / "reliability-table.txt"
-AGENT_READY = re.compile(r"hongbao-client listening control=([\d.]+):(\d+)")
 
 
 @dataclass
@@ -38,7 +32,7 @@ class Row:
     faults: int = 0  # faults injected (kills, restarts, corruptions, dead daemons)
     bad_inputs: int = 0  # hostile connections/frames/requests tried
     survived: str = ""  # connections that survived, e.g. "200/200"
-    lost: int = 0  # requests of well-behaved clients left unanswered
+    lost: int | None = 0  # requests of well-behaved clients left unanswered (None: none ran)
     ledger_diff: int = 0  # |generated - granted - waiting - expired| (count + amount)
     figures: dict[str, object] = field(default_factory=dict)
 
@@ -60,7 +54,8 @@ def ledger_diff(ledger: dict) -> int:
 
 def render(rows: list[Row]) -> str:
     head = ("scenario", "faults", "bad inputs", "survived", "lost", "ledger diff")
-    body = [(r.scenario, str(r.faults), str(r.bad_inputs), r.survived or "-", str(r.lost),
+    body = [(r.scenario, str(r.faults), str(r.bad_inputs), r.survived or "-",
+             "-" if r.lost is None else str(r.lost),
              str(r.ledger_diff)) for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
 
@@ -70,7 +65,7 @@ def render(rows: list[Row]) -> str:
     out = [line(head), line(tuple("-" * w for w in widths))]
     out += [line(b) for b in body]
     total = (f"TOTAL: faults {sum(r.faults for r in rows)}, bad inputs "
-             f"{sum(r.bad_inputs for r in rows)}, lost {sum(r.lost for r in rows)}, "
+             f"{sum(r.bad_inputs for r in rows)}, lost {sum(r.lost or 0 for r in rows)}, "
              f"ledger diff {sum(r.ledger_diff for r in rows)}")
     out += [line(tuple("-" * w for w in widths)), total,
             "lost: requests of well-behaved clients never answered, outside a fault's own "
@@ -100,7 +95,7 @@ def reliability_table() -> Iterator[None]:
 
 
 class AgentProcess:
-    """The real client agent (``python -m app.client``) in its own process group.
+    """The real client agent (``python -m app.client``) as a runner ``Service``.
 
     Stopped by PID: SIGTERM to the agent, then SIGKILL of its group (its
     workers) — also from the fixture's finalizer when a test fails.
@@ -108,35 +103,24 @@ class AgentProcess:
 
     def __init__(self, log_path: Path, server_port: int, users: tuple[int, int],
                  qps: int = 0, source: str = "127.1.0.1", **flags: object) -> None:
+        cmd = client_command(server_port, users, source.split(","), qps=qps,
+                             **{"host_name": "reliability", **flags})
+        self.service = Service("agent", cmd, log_path, CLIENT_READY)
         self.log_path = log_path
-        self.cmd = [sys.executable, "-m", "app.client", "--server", f"127.0.0.1:{server_port}",
-                    "--users", f"{users[0]}-{users[1]}", "--control", "127.0.0.1:0",
-                    "--source", source, "--qps", str(qps), "--host-name", "reliability"]
-        for name, value in flags.items():
-            self.cmd += [f"--{name.replace('_', '-')}", str(value)]
         self.users = users[1] - users[0] + 1
-        self.proc: subprocess.Popen | None = None
         self.api = ""
 
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        return self.service.proc
+
     def start(self, timeout: float = 30.0) -> AgentProcess:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log,
-                                         start_new_session=True, text=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            match = AGENT_READY.search(line)
-            if match:
-                self.api = f"{match.group(1)}:{match.group(2)}"
-                return self
-        self.stop()
-        raise RuntimeError(f"agent did not start; log:\n{self.log_path.read_text()[-3000:]}")
+        match = self.service.start(timeout)
+        self.api = f"{match.group(1)}:{match.group(2)}"
+        return self
 
     def get(self, path: str, timeout: float = 10.0) -> dict:
-        with urllib.request.urlopen(f"http://{self.api}{path}", timeout=timeout) as resp:
-            return json.loads(resp.read())
+        return get_json(self.api, path, timeout)
 
     def wait_connected(self, n: int | None = None, timeout: float = 30.0) -> float:
         """Seconds until ``n`` (default: every user) connections are logged in."""
@@ -149,17 +133,10 @@ class AgentProcess:
         raise AssertionError(f"agent: {self.get('/health')} after {timeout}s, wanted {want}")
 
     def signal_group(self, signum: int) -> None:
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signum)
+        os.killpg(self.service.pid, signum)
 
     def stop(self) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        stop_group(proc, 10.0, "agent")  # SIGKILL of the group: workers left behind
-        if proc.stdout:
-            proc.stdout.close()
-        self.proc = None
+        self.service.stop(10.0)  # SIGKILL of the group: workers left behind
 
 
 @pytest.fixture

@@ -6,24 +6,21 @@ The server runs in its own process group and is always stopped by PID
 
 from __future__ import annotations
 
-import json
-import re
 import signal
 import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from app import protocol as p
-from app.local.procs import stop_group
+from app.local.runner import ROOT, SERVER_READY, Service, request_json, server_command
 
-ROOT = Path(__file__).resolve().parent.parent
-READY = re.compile(r"hongbao-server listening port=(\d+) control=([\d.]+):(\d+) sets=(\d+)")
+__all__ = ["ROOT", "Client", "ServerProcess"]
 
 
 class ServerProcess:
+    """``python -m app.server`` as a runner ``Service``, with the helpers tests use."""
+
     def __init__(self, journal_dir: Path, sets: int = 4, extra: list[str] | None = None,
                  port: int = 0) -> None:
         self.journal_dir = journal_dir
@@ -31,38 +28,28 @@ class ServerProcess:
         self.extra = extra or []
         self.port = port
         self.control_port = 0
-        self.proc: subprocess.Popen | None = None
+        self.service: Service | None = None
         self.log_path = journal_dir.parent / f"server-{time.time_ns()}.log"
 
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        return self.service.proc if self.service else None
+
     def start(self, timeout: float = 30.0) -> ServerProcess:
-        cmd = [sys.executable, "-m", "app.server", "--host", "127.0.0.1",
-               "--port", str(self.port), "--control", f"127.0.0.1:{self.control_port}",
-               "--sets", str(self.sets), "--journal-dir", str(self.journal_dir), *self.extra]
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log,
-                                     start_new_session=True, text=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            match = READY.search(line)
-            if match:
-                self.port = int(match.group(1))
-                self.control_port = int(match.group(3))
-                return self
-        self.stop()
-        raise RuntimeError(f"server did not start; log:\n{self.log_path.read_text()[-3000:]}")
+        cmd = server_command(self.journal_dir, self.sets, self.port,
+                             f"127.0.0.1:{self.control_port}", self.extra)
+        self.service = Service("server", cmd, self.log_path, SERVER_READY)
+        match = self.service.start(timeout)
+        self.port = int(match.group(1))
+        self.control_port = int(match.group(3))
+        return self
 
     def get(self, path: str, timeout: float = 10.0) -> dict:
-        url = f"http://127.0.0.1:{self.control_port}{path}"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            body = json.loads(exc.read() or b"{}")
-            body["_status"] = exc.code
-            return body
+        """The JSON answer; a 4xx/5xx answer carries its status as ``_status``."""
+        status, body = request_json(f"127.0.0.1:{self.control_port}", path, timeout)
+        if status != 200:
+            body["_status"] = status
+        return body
 
     def stats(self, audit: bool = False) -> dict:
         return self.get("/stats?audit=1" if audit else "/stats")
@@ -92,13 +79,9 @@ class ServerProcess:
             self.stop()
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        stop_group(self.proc, 15.0, "server")  # SIGKILL of the group: any SET left behind
-        if self.proc.stdout:
-            self.proc.stdout.close()
-        self.log.close()
-        self.proc = None
+        if self.service is not None:
+            self.service.stop(15.0)  # SIGKILL of the group: any SET left behind
+        self.service = None
 
 
 class Client:

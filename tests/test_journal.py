@@ -10,6 +10,7 @@ the log naming the file and byte offset, the file left as it was).
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
@@ -220,3 +221,27 @@ def test_corrupted_journal_is_refused_and_reported(start_server, tmp_path):
                survived="1/2 SETs (refused one)",
                ledger_diff=ledger_diff(stats["ledger"]),
                figures={"refused_at_byte": offset, "health": health["status"]}))
+
+
+def test_journal_with_a_campaign_the_settings_refuse_is_refused_at_boot(start_server, tmp_path):
+    """Issue 11 item 2: a replayed request the SET cannot run stops its boot (exit 3, file
+    and offset named) instead of crash-looping on every restart."""
+    directory = tmp_path / "journal"
+    directory.mkdir()
+    j1 = directory / "set-001.journal"
+    header = encode_record(b"H", MAGIC, VERSION, 1, 2)
+    j1.write_bytes(header + encode_record(b"Y", 0, 0) + encode_record(b"F", 5, 10, 100, 1))
+    offset = len(header) + len(encode_record(b"Y", 0, 0))
+    server = start_server(sets=2)
+    health = wait_for(lambda: (h := server.get("/health"))["failed"] and h, timeout=15)
+    assert list(health["failed"]) == ["1"] and health["restarts"] == 0
+    log = server.log_path.read_text()
+    assert re.search(rf"SET 1 cannot boot: {re.escape(str(j1))} at byte {offset}: its group "
+                     rf"campaign cannot run with these settings: recipients' userid min 100 > "
+                     rf"max 1", log), log[-2000:]
+    time.sleep(1.0)
+    assert server.get("/health")["restarts"] == 0  # refused once, not a crash loop
+    record(Row("journal: replayed campaign refused by settings", faults=1, bad_inputs=1,
+               survived="1/2 SETs (refused one)",
+               ledger_diff=ledger_diff(server.stats(audit=True)["ledger"]),
+               figures={"refused_at_byte": offset}))

@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from monitor import report, views
+from monitor import report, runs, views
 
 T0 = 1_795_600_000
 
@@ -81,7 +81,7 @@ def test_report_from_run_records(tmp_path):
     assert summary["graphs"]["network_bytes"]["series"] == {"box in": 2000, "box out": 2000}
     assert summary["missing"] == []
     # each PNG carries the points it shows
-    assert report.drawn_series(run / "qps.png")["target"] == [
+    assert runs.drawn_series(run / "qps.png")["target"] == [
         (float(r["t"]), float(r["target_qps"])) for r in rows]
     html = (run / "index.html").read_text()
     for p in paths[:-1]:
@@ -180,10 +180,15 @@ def test_parse_time_forms():
 
 def test_saved_urls_and_dashboard_cover_every_view():
     urls = views.graphite_urls("http://127.0.0.1:8180", T0, T0 + 60)
-    assert set(urls) == {v.name for v in views.VIEWS}
+    # every view with a Graphite target; CPU and memory exist only in the run's records
+    assert set(urls) == {v.name for v in views.VIEWS} - {"cpu", "memory"}
     assert "from=1795600000" in urls["qps"] and "target=alias" in urls["qps"]
     state = views.dashboard_state()
-    assert [g[0] for g in state["graphs"]] == [v.name for v in views.VIEWS]
+    assert [g[0] for g in state["graphs"]] == [v.name for v in views.GRAPHITE_VIEWS]
+    qps = state["graphs"][0]
+    assert qps[0] == "qps" and qps[1]["target"][0] == (
+        "alias(sumSeries(stats.counters.hongbao.server.shakes.14.count,"
+        "stats.counters.hongbao.server.shakes.15.count),'server served')")
     json.dumps(state)
 
 
@@ -220,3 +225,39 @@ def test_write_report_uses_graphite_only_when_told(tmp_path, fake_graphite, monk
     monkeypatch.setenv("HONGBAO_GRAPHITE_URL", fake_graphite)
     report.write_report(run)
     assert json.loads((run / "report.json").read_text())["source"].startswith("Graphite")
+
+
+def test_numbers_for_people():
+    from monitor import numbers
+
+    assert numbers.money(767936012) == "¥7,679,360.12"
+    assert numbers.money(5) == "¥0.05" and numbers.money(-250) == "-¥2.50"
+    assert numbers.count(59999.6) == "60,000" and numbers.count(None) == "-"
+    assert [numbers.ms(x) for x in (0.8349, 12.345, 101.6, 4321.0)] == [
+        "0.83 ms", "12.3 ms", "102 ms", "4,321 ms"]
+    assert [numbers.share(x) for x in (0.95, 0.975, 1.0, None)] == ["95%", "97.5%", "100%", "-"]
+    assert [numbers.size(x) for x in (306, 4900, 3 * 2**20, 1.5 * 2**30)] == [
+        "306 B", "4.79 KiB", "3 MiB", "1.5 GiB"]
+
+
+def test_phases_of_a_run_without_a_plan_come_from_the_records_targets():
+    rows = [{"t": T0 + i, "target_qps": q} for i, q in enumerate([3000] * 4 + [6000] * 3)]
+    spans = runs.spans_of({"phases": [{"phase": "3k"}, {"phase": "6k"}]}, rows)
+    assert [(s.name, s.target, s.start, s.end) for s in spans] == [
+        ("3k", 3000, T0, T0 + 4), ("6k", 6000, T0 + 4, T0 + 7)]
+
+
+def test_compare_colours_a_change_by_which_way_is_better():
+    from monitor import compare
+
+    served = next(f for f in compare.FIGURES if f.key == "server_qps")
+    p99 = next(f for f in compare.FIGURES if f.key == "latency_p99_ms")
+    target = next(f for f in compare.FIGURES if f.key == "target")
+    assert compare.delta(served, 1000, 900)["verdict"] == "worse"
+    assert compare.delta(p99, 40.0, 20.0)["verdict"] == "better"
+    assert compare.delta(p99, 40.0, 40.2)["verdict"] == "same"  # under 1%: noise
+    assert compare.delta(target, 300, 450)["verdict"] == ""  # not judged
+    assert compare.delta(p99, None, 3.0)["delta"] is None
+    assert compare.shown_delta(p99, compare.delta(p99, 40.0, 20.0)) == "-20.0 ms (-50.0%)"
+    within = next(f for f in compare.FIGURES if f.key == "server_within")
+    assert compare.shown_delta(within, compare.delta(within, 1.0, 0.6)) == "-40.0 pt"

@@ -174,6 +174,14 @@ def test_a_short_smoke_run_passes_and_writes_its_run_directory(tmp_path):
     rows = [json.loads(line) for line in (run_dir / "seconds.jsonl").read_text().splitlines()]
     assert len(rows) == 2 + 6 + 6 and KEYS == set(rows[0])
     assert max(r["server_scheduled"] for r in rows) == 600
+    # every graph from the run itself: the machine's figures are in the records
+    assert all(r["loop_lag_ms"] is not None and r["gc_pause_ms"] is not None for r in rows)
+    assert all(len(r["net"]) == 1 for r in rows[:-1])  # one machine; the last has no next
+    assert all(r["client_connections"] == r["connections"] == 1500 for r in rows)
+    for side in ("server", "client"):
+        cpu = [r[f"{side}_cpu_seconds"] for r in rows]
+        assert all(later >= earlier > 0 for earlier, later in zip(cpu, cpu[1:], strict=False))
+        assert all(r[f"{side}_rss_bytes"] > 10 * 2**20 for r in rows)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["passed"] and summary["ledger"]["balanced"] and summary["reasons"] == []
     assert [p["target"] for p in summary["phases"]] == [0, 300, 600]

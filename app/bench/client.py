@@ -16,7 +16,6 @@ Everything it starts is stopped by PID on the way out.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import tempfile
@@ -26,8 +25,16 @@ from typing import Any
 
 import psutil
 
+from app import settings
 from app.client.histogram import Histogram
-from app.local.smoke import CLIENT_READY, SERVER_READY, Service, get_json
+from app.local.runner import (
+    CLIENT_READY,
+    SERVER_READY,
+    Service,
+    client_command,
+    get_json,
+    server_command,
+)
 
 
 def merged(rows: list[dict[str, Any]]) -> Histogram:
@@ -49,7 +56,7 @@ def cpu(procs: list[psutil.Process]) -> tuple[float, float]:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+    def __init__(self, args: settings.Config, work: Path) -> None:
         self.args = args
         self.work = work
         self.server: Service | None = None
@@ -57,20 +64,16 @@ class Bench:
         self.port = 0
 
     def start_server(self) -> None:
-        self.server = Service("server", [
-            sys.executable, "-m", "app.server", "--host", "127.0.0.1", "--port", str(self.port),
-            "--control", "127.0.0.1:0", "--sets", str(self.args.sets), "--journal-dir",
-            str(self.work / "journal"), "--shake-budget", "10000000"],
-            self.work / "server.log", SERVER_READY)
+        cmd = server_command(self.work / "journal", self.args.sets, self.port,
+                             extra=["--shake-budget", "10000000"])
+        self.server = Service("server", cmd, self.work / "server.log", SERVER_READY)
         self.port = int(self.server.start().group(1))
 
     def start_agent(self) -> str:
         a = self.args
-        self.agent = Service("agent", [
-            sys.executable, "-m", "app.client", "--server", f"127.0.0.1:{self.port}",
-            "--users", f"1-{a.users}", "--control", "127.0.0.1:0", "--source", a.sources,
-            "--qps", "0", "--connect-rate", str(a.connect_rate), "--pacing", a.pacing],
-            self.work / "agent.log", CLIENT_READY)
+        cmd = client_command(self.port, (1, a.users), a.source, qps=0,
+                             connect_rate=a.connect_rate, pacing=a.pacing)
+        self.agent = Service("agent", cmd, self.work / "agent.log", CLIENT_READY)
         match = self.agent.start()
         return f"{match.group(1)}:{match.group(2)}"
 
@@ -153,17 +156,7 @@ class Bench:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m app.bench.client``: print the agent's measured costs as lines and JSON."""
-    parser = argparse.ArgumentParser(prog="hongbao-client-bench", description=__doc__)
-    parser.add_argument("--users", type=int, default=19_000)
-    parser.add_argument("--qps", type=lambda v: [int(x) for x in v.split(",")],
-                        default=[8_000, 15_000], help="comma-separated rates to measure")
-    parser.add_argument("--seconds", type=float, default=10.0, help="length of each window")
-    parser.add_argument("--sets", type=int, default=4)
-    parser.add_argument("--sources", default="127.1.0.9,127.1.0.10")
-    parser.add_argument("--connect-rate", type=int, default=5000)
-    parser.add_argument("--pacing", default="even", choices=("even", "burst"))
-    parser.add_argument("--restart", action="store_true", help="also measure a server restart")
-    args = parser.parse_args(argv)
+    args = settings.parse("client_bench", argv, description=__doc__.splitlines()[0])
     work = Path(tempfile.mkdtemp(prefix="hongbao-client-bench-"))
     bench = Bench(args, work)
     try:

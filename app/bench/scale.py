@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import signal
 import subprocess
@@ -43,19 +42,12 @@ from typing import Any
 
 import psutil
 
-from app.bench import floor
-from app.bench.cpu import cpu_seconds, machine_busy, rss_bytes, tree
+from app import settings
+from app.bench import cpu, floor
+from app.bench.cpu import rss_bytes, tree
 from app.client.histogram import Histogram
 from app.local import netns
-from app.local.smoke import (
-    CLIENT_READY,
-    SERVER_READY,
-    Service,
-    get_json,
-    progress,
-    snapshot,
-    stop_services,
-)
+from app.local.runner import LocalFleet, get_json, progress
 from app.local.summary import (
     Phase,
     build_seconds,
@@ -118,66 +110,40 @@ def tcp_memory() -> tuple[int, int]:
 class ScaleRun:
     """One run: its processes, what it measured, and why it stopped."""
 
-    def __init__(self, args: argparse.Namespace, run_dir: Path) -> None:
+    def __init__(self, args: settings.Config, run_dir: Path) -> None:
         self.args = args
         self.run_dir = run_dir
-        self.server: Service | None = None
-        self.clients: list[Service] = []
-        self.client_apis: list[str] = []
+        self.fleet = LocalFleet(run_dir, log_level="warning")
         self.phases: list[Phase] = []
         self.polled: dict[int, dict[str, Any]] = {}
         self.figures: dict[str, Any] = {"stopped_by": None}
-        self.cpu_marks: dict[str, tuple[float, float, float, float]] = {}
+        self.cpu_marks: dict[str, cpu.Mark] = {}
         self.mem_floor = args.mem_floor_mb * 2**20
 
     # ------------------------------------------------------------- processes
     def start_server(self) -> None:
         a = self.args
-        cmd = [sys.executable, "-m", "app.server", "--host", "127.0.0.1", "--port", "0",
-               "--control", "127.0.0.1:0", "--sets", str(a.sets) if a.sets else "auto",
-               "--target-connections", str(a.connections),
-               "--journal-dir", str(self.run_dir / "journal"),
-               "--shake-budget", str(max(200_000, 2 * max(a.phases, default=0))),
-               "--claim-ttl", "30", "--log-level", "warning"]
-        self.server = Service("server", cmd, self.run_dir / "server.log", SERVER_READY)
-        match = self.server.start(timeout=300)
-        self.port = int(match.group(1))
-        self.server_api = f"{match.group(2)}:{match.group(3)}"
-        self.sets = get_json(self.server_api, "/health")["sets"]
+        self.fleet.start_server(a.sets or "auto", [
+            "--target-connections", str(a.connections),
+            "--shake-budget", str(max(200_000, 2 * max(a.phases, default=0))),
+            "--claim-ttl", "30"], timeout=300)
+        self.sets = self.fleet.sets
 
     def start_clients(self) -> None:
+        # Co-located clients run niced: on a real fleet the server has its own
+        # cores. Unniced, 68 busy client workers left 51 SETs 12% of a core at
+        # 30k QPS (the clients' writes also carry the server side's TCP work).
         a = self.args
-        per_host_rate = max(1, a.connect_rate // a.hosts)
-        for k in range(a.hosts):
-            first = 1 + k * a.connections // a.hosts
-            last = (k + 1) * a.connections // a.hosts
-            addresses = max(1, math.ceil((last - first + 1) / ADDRESS_CONNECTIONS))
-            sources = ",".join(f"127.{1 + k // 250}.{k % 250}.{i + 1}" for i in range(addresses))
-            # Co-located clients run niced: on a real fleet the server has its own
-            # cores. Unniced, 68 busy client workers left 51 SETs 12% of a core at
-            # 30k QPS (the clients' writes also carry the server side's TCP work).
-            nice = ["nice", "-n", str(a.client_nice)] if a.client_nice else []
-            cmd = [*nice, sys.executable, "-m", "app.client", "--server",
-                   f"127.0.0.1:{self.port}",
-                   "--server-control", self.server_api, "--users", f"{first}-{last}",
-                   "--control", "127.0.0.1:0", "--source", sources,
-                   "--host-name", f"scale{k}", "--hosts", str(a.hosts), "--host-index", str(k),
-                   "--qps", "0", "--pacing", a.pacing, "--ticks", str(a.ticks),
-                   "--connect-rate", str(per_host_rate),
-                   "--log-level", "warning"]
-            service = Service(f"client{k}", cmd, self.run_dir / f"client{k}.log", CLIENT_READY)
-            self.clients.append(service)
-            match = service.start(timeout=120)
-            self.client_apis.append(f"{match.group(1)}:{match.group(2)}")
-
-    def stop_all(self) -> None:
-        stop_services([*self.clients, self.server])
+        self.fleet.start_hosts(a.connections, a.hosts, ADDRESS_CONNECTIONS, "scale",
+                               nice=a.client_nice, timeout=120, pacing=a.pacing,
+                               ticks=a.ticks, connect_rate=max(1, a.connect_rate // a.hosts))
 
     def server_procs(self) -> list[psutil.Process]:
-        return tree(self.server.proc.pid) if self.server and self.server.proc else []
+        server = self.fleet.server
+        return tree(server.proc.pid) if server and server.proc else []
 
     def client_procs(self) -> list[psutil.Process]:
-        return [p for s in self.clients if s.proc for p in tree(s.proc.pid)]
+        return [p for s in self.fleet.clients if s.proc for p in tree(s.proc.pid)]
 
     # ------------------------------------------------------------ watching
     def check(self) -> dict[str, int]:
@@ -191,14 +157,11 @@ class ScaleRun:
         if limit and pages > TCP_MEM_STOP * limit:
             raise OutOfResource(f"kernel TCP memory: {pages} pages of tcp_mem {limit} "
                                 f"(answers queued faster than read)")
-        for service in [self.server, *self.clients]:
-            if service and service.proc and service.proc.poll() is not None:
-                raise OutOfResource(f"process: {service.name} exited with "
-                                    f"{service.proc.returncode} (see {service.log_path})")
+        try:
+            self.fleet.check_alive()
+        except RuntimeError as exc:
+            raise OutOfResource(f"process: {exc}") from None
         return mem
-
-    def client_connections(self) -> int:
-        return sum(get_json(a, "/health", tries=3)["connections"] for a in self.client_apis)
 
     def connect_all(self) -> None:
         a = self.args
@@ -206,7 +169,7 @@ class ScaleRun:
         last_n, last_t = 0, started
         while True:
             mem = self.check()
-            n = self.client_connections()
+            n = self.fleet.connections()
             now = time.time()
             rate = (n - last_n) / max(now - last_t, 1e-6)
             last_n, last_t = n, now
@@ -227,12 +190,12 @@ class ScaleRun:
     def hold(self) -> None:
         a = self.args
         end = time.time() + a.hold
-        low = high = self.client_connections()
-        server_low = get_json(self.server_api, "/stats?seconds=0", tries=3)["connections"]
+        low = high = self.fleet.connections()
+        server_low = get_json(self.fleet.server_api, "/stats?seconds=0", tries=3)["connections"]
         while time.time() < end:
             self.check()
-            n = self.client_connections()
-            server_n = get_json(self.server_api, "/stats?seconds=0", tries=3)["connections"]
+            n = self.fleet.connections()
+            server_n = get_json(self.fleet.server_api, "/stats?seconds=0", tries=3)["connections"]
             low, high, server_low = min(low, n), max(high, n), min(server_low, server_n)
             progress(f"holding: {n} connections (server {server_n}), lowest {low}, "
                      f"{end - time.time():4.0f}s left")
@@ -242,44 +205,91 @@ class ScaleRun:
                                 "server_lowest": server_low, "seconds": a.hold,
                                 "dropped": max(0, a.connections - min(low, server_low))}
 
+    def add_phase(self, qps: int, at: int) -> Phase:
+        phase = Phase(f"{qps // 1000}k" if qps >= 1000 else str(qps), qps, at,
+                      at + self.args.phase_seconds)
+        self.phases.append(phase)
+        self.fleet.set_total(qps, at)
+        return phase
+
     def run_phases(self) -> None:
+        """The planned phases back to back, then (``--ramp``) steps up until one fails."""
         a = self.args
         at = int(time.time()) + 3
         for qps in a.phases:
-            self.phases.append(Phase(f"{qps // 1000}k" if qps >= 1000 else str(qps), qps, at,
-                                     at + a.phase_seconds))
-            for address in self.client_apis:
-                get_json(address, f"/qps?total={qps}&at={at}", tries=3)
+            self.add_phase(qps, at)
             at += a.phase_seconds
-        for address in self.client_apis:
-            get_json(address, f"/qps?total=0&at={at}", tries=3)
-        span = at - self.phases[0].start
-        get_json(self.server_api, f"/yaohongbao?qps={SHAKE_ENVELOPES_PER_S}"
-                                  f"&sum={SHAKE_ENVELOPES_PER_S * span}", tries=3)
-        get_json(self.server_api, f"/fahongbao?qps={GROUPS_PER_S}&sum={GROUPS_PER_S * span}"
-                                  f"&min=1&max={a.connections}", tries=3)
-        cpu_marks: dict[str, tuple[float, float, float, float]] = {}
+        ramping = a.ramp > 0
+        if not ramping:
+            self.fleet.set_total(0, at)
+        span = at - self.phases[0].start + (a.ramp_steps * a.phase_seconds if ramping else 0)
+        self.fleet.start_envelopes(SHAKE_ENVELOPES_PER_S, SHAKE_ENVELOPES_PER_S * span,
+                                   GROUPS_PER_S, GROUPS_PER_S * span, a.connections)
+        cpu_marks: dict[str, cpu.Mark] = {}
         self.cpu_marks = cpu_marks  # kept up to date: a run stopped mid-phase still reports
+        judged: set[str] = set()
+        steps = 0
+        if ramping:
+            self.figures["ramp"] = {"step": a.ramp, "steps": [], "highest_passing": None,
+                                    "first_failing": None}
         while time.time() < at + 2:
             self.check()
             now = time.time()
             for phase in self.phases:
                 # CPU over the phase's steady part: from its second second to its end
                 if phase.name not in cpu_marks and now >= phase.start + 1:
-                    cpu_marks[phase.name] = (now, cpu_seconds(self.server_procs()),
-                                             cpu_seconds(self.client_procs()), machine_busy())
+                    cpu_marks[phase.name] = cpu.mark(self.server_procs(), self.client_procs())
                 key = phase.name + ":end"
                 if key not in cpu_marks and now >= phase.end and phase.name in cpu_marks:
-                    cpu_marks[key] = (now, cpu_seconds(self.server_procs()),
-                                      cpu_seconds(self.client_procs()), machine_busy())
+                    cpu_marks[key] = cpu.mark(self.server_procs(), self.client_procs())
+            if ramping and now >= at - 2:  # the next step starts where the last one ends
+                passing = all(r["passed"] for r in self.figures["ramp"]["steps"])
+                if steps < a.ramp_steps and passing:
+                    self.add_phase(self.phases[-1].target + a.ramp, at)
+                    at += a.phase_seconds
+                    steps += 1
+                else:
+                    self.fleet.set_total(0, at)
+                    ramping = False
+            for phase in self.phases:
+                if a.ramp and phase.name not in judged and now >= phase.end + 2:
+                    judged.add(phase.name)
+                    # a ramp step that fails ends the run; a planned phase that
+                    # fails only means the ramp never starts (checked above)
+                    if not self.judge(phase) and ramping and phase.target > a.phases[-1]:
+                        at = min(at, int(now) + 1)
+                        self.fleet.set_total(0, at)
+                        self.phases = [p for p in self.phases if p.start < at]
+                        self.phases[-1].end = min(self.phases[-1].end, at)
+                        ramping = False
             self.poll_second(now)
             time.sleep(max(0.05, 1.0 - (time.time() % 1.0) + 0.3))
+        if a.ramp:  # the last step ended within the loop's last two seconds
+            for phase in self.phases:
+                if phase.name not in judged:
+                    self.judge(phase)
         sys.stderr.write("\n")
 
+    def judge(self, phase: Phase) -> bool:
+        """Whether a finished phase passed, kept in figures["ramp"] as the run goes."""
+        stats = self.fleet.server_stats(int(time.time()) - phase.start + 2, tries=2, timeout=30)
+        clients = self.fleet.client_stats(phase.start - 1, timeout=30)
+        row = phase_summary(phase, build_seconds(stats, clients, self.polled, phase.start,
+                                                 phase.end))
+        ramp = self.figures["ramp"]
+        ramp["steps"].append({"target": phase.target, "passed": row["passed"],
+                              "reasons": row["reasons"]})
+        if row["passed"] and ramp["first_failing"] is None:
+            ramp["highest_passing"] = max(ramp["highest_passing"] or 0, phase.target)
+        elif not row["passed"] and ramp["first_failing"] is None:
+            ramp["first_failing"] = phase.target
+            ramp["why"] = row["reasons"]
+        sys.stderr.write(f"\n{phase.name}: {'passed' if row['passed'] else 'FAILED'} "
+                         f"{'; '.join(row['reasons'])}\n")
+        return row["passed"]
+
     def poll_second(self, now: float) -> None:
-        snap = snapshot(self.server_api, self.polled, self.phases, now, timeout=5,
-                        server_pid=self.server.proc.pid,
-                        client_pids=tuple(c.proc.pid for c in self.clients))
+        snap = self.fleet.snapshot(self.polled, self.phases, now, timeout=5)
         if snap is None:
             return
         stats, last, phase = snap
@@ -291,9 +301,13 @@ class ScaleRun:
     # ------------------------------------------------------------- figures
     def measure_idle(self, key: str) -> None:
         mem = meminfo()
+        clients = self.client_procs()
+        # counted before the RSS is read: a connection made meanwhile is charged, not free
+        connections = self.fleet.connections() if clients else 0
         self.figures[key] = {
             "server_rss": rss_bytes(self.server_procs()),
-            "client_rss": rss_bytes(self.client_procs()),
+            "client_rss": rss_bytes(clients), "processes": len(clients),
+            "connections": connections,
             "used": mem["MemTotal"] - mem["MemAvailable"],
             "slab": mem.get("Slab", 0),
         }
@@ -305,11 +319,21 @@ class ScaleRun:
             return
         server = after["server_rss"] - before["server_rss"]
         client = after["client_rss"] - before["client_rss"]
+        # The client side per connection is its growth from the processes just
+        # started (few connections yet) to all connected; the processes' own
+        # interpreter is a fixed cost, shown apart.
+        started = self.figures.get("mem_clients_started") or before
+        grown = n - started.get("connections", 0)
+        marginal = (after["client_rss"] - started["client_rss"]) / grown if grown > 0 else None
         # Kernel: the slab growth (socket structures of both ends, epoll items,
         # dentries) per client-server pair. "used" moves with whatever else runs
         # on the machine, so it is kept as a cross-check only.
         self.figures["bytes_per_connection"] = {
-            "server_user": round(server / n), "client_user": round(client / n),
+            "server_user": round(server / n),
+            "client_user": round(marginal) if marginal is not None else None,
+            "client_user_all_in": round(client / n),
+            "client_process_mb": round(started["client_rss"] / max(1, started.get("processes", 1))
+                                       / 2**20, 1),
             "kernel_pair": round((after["slab"] - before["slab"]) / n),
             "machine_used": round((after["used"] - before["used"]) / n),
         }
@@ -317,10 +341,9 @@ class ScaleRun:
         self.figures["client_rss_total_mb"] = round(after["client_rss"] / 2**20)
 
     def collect(self) -> dict[str, Any]:
-        server = get_json(self.server_api, "/stats?seconds=300", timeout=30, tries=5)
+        server = get_json(self.fleet.server_api, "/stats?seconds=300", timeout=30, tries=5)
         since = self.phases[0].start - 1 if self.phases else int(time.time())
-        clients = [get_json(a, f"/stats?since={since}&hist=1", timeout=30, tries=3)
-                   for a in self.client_apis]
+        clients = self.fleet.client_stats(since, timeout=30)
         rows = []
         if self.phases:
             seconds = build_seconds(server, clients, self.polled, self.phases[0].start,
@@ -345,11 +368,11 @@ class ScaleRun:
             for key, value in (c.get("totals") or {}).items():
                 if isinstance(value, int):
                     totals[key] = totals.get(key, 0) + value
+        ledger = ledger_check(server.get("ledger", {}))
         errors = {k: v for k, v in counters.items()
                   if k.startswith(("protocol_error", "close.", "handoff.failed", "accept_"))}
         errors.update({f"client.{k}": totals[k] for k in ("connect_failures", "lost", "errors",
                                                            "reconnects") if k in totals})
-        ledger = ledger_check(server.get("ledger", {}))
         return {
             "phases": rows,
             **verdict(rows, ledger),
@@ -368,20 +391,10 @@ class ScaleRun:
         if not (start and end):
             return {}
         window = [r for r in seconds if start[0] <= r["t"] + 1 and r["t"] < int(end[0])]
-        answered = sum(r["client_answered"] for r in window) or 1
-        elapsed = end[0] - start[0]
-        return {
-            "server_cpu_us_per_request": round((end[1] - start[1]) / answered * 1e6, 1),
-            "client_cpu_us_per_request": round((end[2] - start[2]) / answered * 1e6, 1),
-            "server_cpu_percent": round(100 * (end[1] - start[1]) / elapsed),
-            "client_cpu_percent": round(100 * (end[2] - start[2]) / elapsed),
-            # of all cores: 100% means the machine had no CPU left to give
-            "machine_cpu_percent": round(100 * (end[3] - start[3]) / elapsed
-                                         / (os.cpu_count() or 1)),
-        }
+        return cpu.costs(start, end, sum(r["client_answered"] for r in window))
 
 
-def run_floor(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+def run_floor(args: settings.Config, out_dir: Path) -> dict[str, Any]:
     """The same connections and phases through the C floor, before hongbao starts."""
     seconds = args.floor_seconds or min(args.phase_seconds, 20)
     log.info("floor: %d connections, phases %s, %d s each", args.connections, args.phases,
@@ -399,7 +412,7 @@ def attach_floor(result: dict[str, Any]) -> None:
     floors = {r["target"]: r for r in (result.get("floor") or {}).get("phases", [])}
     for row in result.get("phases", []):
         fl = floors.get(row["target"])
-        if not fl or "server_cpu_us_per_request" not in row:
+        if not fl or row.get("client_cpu_us_per_request") is None:
             continue
         floor_total = fl["server_cpu_us_per_request"] + fl["client_cpu_us_per_request"]
         total = row["server_cpu_us_per_request"] + row["client_cpu_us_per_request"]
@@ -450,30 +463,45 @@ def print_table(result: dict[str, Any]) -> str:
         f"held for {held.get('seconds', 0):>3} s              {held.get('server_lowest', '-'):>10}"
         f"   (lowest at the server; dropped {held.get('dropped', '-')})",
         f"bytes per connection      server user {bpc.get('server_user', '-')}, client user "
-        f"{bpc.get('client_user', '-')}, kernel slab per pair {bpc.get('kernel_pair', '-')} "
-        f"(whole machine {bpc.get('machine_used', '-')})",
+        f"{bpc.get('client_user', '-')} (+ {bpc.get('client_process_mb', '-')} MiB a client "
+        f"process; all in {bpc.get('client_user_all_in', '-')}), kernel slab per pair "
+        f"{bpc.get('kernel_pair', '-')} (whole machine {bpc.get('machine_used', '-')})",
         f"RSS totals                server {f.get('server_rss_total_mb', '-')} MiB, clients "
         f"{f.get('client_rss_total_mb', '-')} MiB; kernel TCP memory peak "
         f"{f.get('tcp_mem_peak_pages', '-')} pages",
         f"worst loop lag / GC pause {f.get('loop_lag_max_ms', '-')} ms / "
         f"{f.get('gc_pause_max_ms', '-')} ms (server SETs, last 300 s; per phase below)", ""]
-    head = ("phase", "target", "server/s", "±2% s", "p50", "p99", "p999", "srv µs/req",
-            "cli µs/req", "srv CPU%", "cli CPU%", "box CPU%", "lag ms", "GC ms")
-    fmt = "{:<6}{:>8}{:>10}{:>8}{:>8}{:>8}{:>8}{:>11}{:>11}{:>9}{:>9}{:>9}{:>8}{:>7}"
+    head = ("phase", "target", "served/s", "srv±2%", "cli±2%", "p50", "p99", "p999",
+            "srv µs/req", "cli µs/req", "srv CPU%", "cli CPU%", "box CPU%", "srv wk/s",
+            "cli wk/s", "lag ms", "GC ms")
+    fmt = ("{:<6}{:>8}{:>10}{:>8}{:>8}{:>8}{:>8}{:>8}{:>11}{:>11}{:>9}{:>9}{:>9}{:>9}{:>9}"
+           "{:>8}{:>7}")
+    lines.append("by arrival at the server and answer at the clients; µs/req and wake-ups "
+                 "(voluntary context switches) over the phase's steady seconds")
     lines.append(fmt.format(*head))
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.0f}%"
+
     for r in f.get("phases", []):
-        within = r.get("server_within")
+        within, answered = r.get("server_within"), r.get("client_within")
         r = {k: "-" if v is None else round(v, 1) if isinstance(v, float) else v
              for k, v in r.items()}
         lines.append(fmt.format(
-            r["phase"], r["target"], r["server_qps"],
-            "-" if within is None else f"{100 * within:.0f}%",
+            r["phase"], r["target"], r["server_qps"], pct(within), pct(answered),
             r.get("latency_p50_ms") or "-", r.get("latency_p99_ms") or "-",
             r.get("latency_p999_ms") or "-", r.get("server_cpu_us_per_request", "-"),
             r.get("client_cpu_us_per_request", "-"), r.get("server_cpu_percent", "-"),
             r.get("client_cpu_percent", "-"), r.get("machine_cpu_percent", "-"),
+            r.get("server_wakeups_per_s", "-"), r.get("client_wakeups_per_s", "-"),
             r.get("loop_lag_max_ms", "-"),
             r.get("gc_pause_max_ms", "-")))
+    ramp = f.get("ramp")
+    if ramp:
+        lines.append(f"ramp (+{ramp['step']}/s a step): highest passing rate "
+                     f"{ramp['highest_passing'] or 'none'}/s at {f['target_connections']} "
+                     f"connections; first failing step {ramp['first_failing'] or 'none'}"
+                     + (f" ({'; '.join(ramp.get('why', []))})" if ramp.get("why") else ""))
     lines += floor_lines(f)
     ledger = f.get("ledger", {})
     lines += ["", f"ledger balanced: {ledger.get('balanced')}  generated "
@@ -489,12 +517,12 @@ def print_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def inner(args: argparse.Namespace) -> int:
+def inner(args: settings.Config) -> int:
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     run = ScaleRun(args, run_dir)
     result: dict[str, Any] = {"target_connections": args.connections, "hosts": args.hosts,
-                              "phases_planned": args.phases, "run_dir": str(run_dir),
+                              "phases_planned": list(args.phases), "run_dir": str(run_dir),
                               "netns": args.netns_name}
 
     def terminate(signum: int, _frame: Any) -> None:
@@ -510,6 +538,7 @@ def inner(args: argparse.Namespace) -> int:
         time.sleep(1.0)
         run.measure_idle("mem_empty")
         run.start_clients()
+        run.measure_idle("mem_clients_started")
         run.connect_all()
         time.sleep(2.0)
         run.measure_idle("mem_connected")
@@ -529,7 +558,7 @@ def inner(args: argparse.Namespace) -> int:
         sys.stderr.write(f"\nscale run failed: {exc}\n")
         code = 1
     try:
-        if run.server and run.server.proc and run.server.proc.poll() is None:
+        if run.fleet.server and run.fleet.server.exited() is None:
             if "mem_connected" not in run.figures:  # stopped while connecting
                 run.measure_idle("mem_connected")
                 run.per_connection()
@@ -540,7 +569,7 @@ def inner(args: argparse.Namespace) -> int:
         # A second Ctrl-C or SIGTERM must not cut the clean-up short.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        run.stop_all()
+        run.fleet.stop()
     result.update(run.figures)
     attach_floor(result)
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -553,44 +582,16 @@ def inner(args: argparse.Namespace) -> int:
     return code
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="hongbao-bench scale",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--connections", type=int, default=1_000_000)
-    parser.add_argument("--hosts", type=int, default=17)
-    parser.add_argument("--phases", default="30000,60000",
-                        help="fleet-wide QPS of each phase, comma separated ('' for none)")
-    parser.add_argument("--hold", type=int, default=60, help="seconds to hold before the phases")
-    parser.add_argument("--phase-seconds", type=int, default=60)
-    parser.add_argument("--sets", type=int, default=0, help="0: auto (descriptor limit)")
-    parser.add_argument("--pacing", choices=("even", "burst"), default="even")
-    parser.add_argument("--connect-rate", type=int, default=6_000,
-                        help="new connections per second over all hosts (the server on "
-                             "this machine logs in ~7k/s; faster only queues logins)")
-    parser.add_argument("--connect-timeout", type=int, default=900)
-    parser.add_argument("--mem-floor-mb", type=int, default=1536,
-                        help="stop cleanly when MemAvailable falls below this")
-    parser.add_argument("--client-nice", type=int, default=10,
-                        help="nice value of the co-located client agents (0: none)")
-    parser.add_argument("--netns", choices=("auto", "yes", "no"), default="auto")
-    parser.add_argument("--floor", choices=("auto", "no"), default="auto",
-                        help="first run the same traffic through the C floor (app/bench/floor.c; "
-                             "the syscall floor without a compiler)")
-    parser.add_argument("--floor-seconds", type=int, default=0,
-                        help="seconds per floor phase (0: the phase length, at most 20)")
-    parser.add_argument("--ticks", type=int, default=int(os.environ.get("HONGBAO_TICKS", "100")),
-                        help="pacing ticks per second, of the clients and of the floor "
-                             "(default HONGBAO_TICKS or 100)")
-    parser.add_argument("--run-dir", default="")
-    parser.add_argument("--netns-name", default="", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    args.phases = [int(q) for q in args.phases.split(",") if q.strip()]
-    for name in ("connections", "hosts", "phase_seconds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if not args.run_dir:
-        args.run_dir = str(ROOT / "runs" / time.strftime("scale-%Y%m%d-%H%M%S", time.gmtime()))
-    return args
+def parse(argv: list[str] | None) -> settings.Config:
+    """The [scale] section of the settings table (flags, TOML, HONGBAO_SCALE_* ...)."""
+    def hidden(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--netns-name", default="", help=argparse.SUPPRESS)
+
+    config = settings.parse("scale", argv, description=__doc__.splitlines()[0], extra=hidden)
+    if not config.run_dir:
+        run_dir = ROOT / "runs" / time.strftime("scale-%Y%m%d-%H%M%S", time.gmtime())
+        config = config.replace(run_dir=str(run_dir))
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,45 +15,31 @@ absolute figures do not.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 
-from app.local.procs import stop_group
+from app import settings
+from app.local.runner import SERVER_READY, Service, get_json, server_command
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @contextmanager
-def process(cmd: list[str], ready: str, timeout: float = 60.0, **kwargs):
-    """Start ``cmd`` in its own process group; yield (Popen, ready-line match); kill by PID."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stdin=subprocess.PIPE,
-                            text=True, start_new_session=True, **kwargs)
+def process(name: str, cmd: list[str], ready: str, work: Path, timeout: float = 60.0):
+    """Start ``cmd`` as a runner ``Service`` (stdin piped); yield it and its ready match."""
+    service = Service(name, cmd, work / f"{name}.log", re.compile(ready), stdin=True)
     try:
-        deadline = time.time() + timeout
-        match = None
-        while time.time() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            match = re.search(ready, line)
-            if match:
-                break
-        if match is None:
-            raise RuntimeError(f"{cmd[2]} did not become ready (exit {proc.poll()})")
-        yield proc, match
+        yield service, service.start(timeout)
     finally:
-        stop_group(proc, 10.0, cmd[2])
+        service.stop()
 
 
 def rss(pids: list[int]) -> int:
@@ -70,22 +56,24 @@ def cpu(pids: list[int]) -> tuple[float, float]:
     return user, system
 
 
-def measure(port: int, pids: list[int], args: argparse.Namespace) -> dict:
+def measure(port: int, pids: list[int], args: settings.Config, work: Path) -> dict:
     """Connect the load process, measure idle bytes per connection, then CPU per shake."""
     time.sleep(0.5)
     rss_empty = rss(pids)
     load_cmd = [sys.executable, "-m", "app.bench.load", "--port", str(port),
                 "--connections", str(args.connections), "--qps", str(args.qps),
                 "--seconds", str(args.seconds)]
-    with process(load_cmd, r"ready (\d+)", timeout=120) as (load, match):
+    with process("load", load_cmd, r"ready (\d+)", work, timeout=120) as (load, match):
         logged_in = int(match.group(1))
         time.sleep(1.0)
         rss_idle = rss(pids)
         cpu_before = cpu(pids)
         load_before = cpu([load.pid])
-        load.stdin.write("go\n")
-        load.stdin.flush()
-        result = json.loads(load.stdout.readline())
+        load.send_line("go")
+        line = load.read_line(args.seconds + 120)
+        if line is None:
+            raise RuntimeError(f"the load process gave no result (exit {load.exited()})")
+        result = json.loads(line)
         cpu_after = cpu(pids)
         load_cpu = sum(cpu([load.pid])) - sum(load_before)
     user, system = (after - before for after, before in zip(cpu_after, cpu_before, strict=True))
@@ -106,20 +94,24 @@ def measure(port: int, pids: list[int], args: argparse.Namespace) -> dict:
     }
 
 
-def bench_server(args: argparse.Namespace) -> dict:
+def bench_server(args: settings.Config) -> dict:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "app.server", "--host", "127.0.0.1", "--port", "0",
                "--control", "127.0.0.1:0", "--sets", "1", "--journal-dir", tmp,
                "--shake-budget", str(10 * args.qps), "--log-level", "warning"]
-        with process(cmd, r"port=(\d+) control=[\d.]+:(\d+)") as (_, match):
-            port, control = int(match.group(1)), int(match.group(2))
-            with urllib.request.urlopen(f"http://127.0.0.1:{control}/stats", timeout=10) as r:
-                set_pid = json.loads(r.read())["per_set"][0]["pid"]
-            results["hongbao SET"] = measure(port, [set_pid], args)
-    cmd = [sys.executable, "-m", "app.bench.baseline", "--port", "0"]
-    with process(cmd, r"port=(\d+)") as (proc, match):
-        results["gevent StreamServer"] = measure(int(match.group(1)), [proc.pid], args)
+        work = Path(tmp)
+        cmd = server_command(work / "journal", 1, extra=[
+            "--shake-budget", str(10 * args.qps), "--log-level", "warning",
+            "--durability", args.durability])
+        with process("server", cmd, SERVER_READY.pattern, work) as (_, match):
+            port, control = int(match.group(1)), f"{match.group(2)}:{match.group(3)}"
+            set_pid = get_json(control, "/stats")["per_set"][0]["pid"]
+            results["hongbao SET"] = measure(port, [set_pid], args, work)
+        cmd = [sys.executable, "-m", "app.bench.baseline", "--port", "0"]
+        with process("baseline", cmd, r"port=(\d+)", work) as (baseline, match):
+            results["gevent StreamServer"] = measure(int(match.group(1)), [baseline.pid], args,
+                                                     work)
     return results
 
 
@@ -164,13 +156,14 @@ def syscall_floor(pairs: int = 500, rounds: int = 40) -> dict:
     return {"cpu_us_per_shake": round(spent / (pairs * rounds) * 1e6, 2)}
 
 
-def print_table(results: dict, args: argparse.Namespace) -> None:
+def print_table(results: dict, args: settings.Config) -> None:
     names = list(results)
     rows = ["connections", "bytes_per_connection", "cpu_us_per_shake", "user_us_per_shake",
             "system_us_per_shake", "load_us_per_shake", "answered_per_s",
             "p50_ms", "p99_ms", "rss_empty_mb"]
     print(f"\nserver benchmark: {args.connections} connections, {args.qps} shakes/s offered, "
-          f"{args.seconds:g} s, one process each, load from a separate process")
+          f"{args.seconds:g} s, one process each, load from a separate process, "
+          f"journal durability {args.durability}")
     floor = syscall_floor()
     print(f"syscall floor (read 16 B + write 28 B on loopback, no logic): "
           f"{floor['cpu_us_per_shake']} us per shake")
@@ -188,21 +181,16 @@ def print_table(results: dict, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hongbao-bench", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    srv = sub.add_parser("server", help="one SET vs a plain gevent StreamServer")
-    srv.add_argument("--connections", type=int, default=5000)
-    srv.add_argument("--qps", type=int, default=50000)
-    srv.add_argument("--seconds", type=float, default=10.0)
-    srv.add_argument("--json", help="also write the results to this file")
-    sub.add_parser("scale", help="the full-size run: see 'scale --help' (app.bench.scale)",
-                   add_help=False)
+    """``python -m app.bench server|scale ...`` (settings: tables [server_bench], [scale])."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["scale"]:
         from app.bench import scale as bench_scale
 
         return bench_scale.main(argv[1:])
-    args = parser.parse_args(argv)
+    if argv[:1] != ["server"]:
+        sys.stderr.write("usage: python -m app.bench {server,scale} [--help | settings ...]\n")
+        return 2
+    args = settings.parse("server_bench", argv[1:], description=__doc__.splitlines()[0])
     results = bench_server(args)
     print_table(results, args)
     if args.json:

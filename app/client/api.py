@@ -1,4 +1,4 @@
-"""The agent's control API (``:9090``) and the tiny HTTP GET it uses to read the server's clock.
+"""The agent's control API (``:9090``): routes only; the agent is passed in, never imported.
 
 Routes (JSON; ``/qps`` changes state, so it needs the token or an allowed
 address):
@@ -16,26 +16,36 @@ address):
 - ``GET /coverage`` — how evenly users were asked: users never asked, the
   fewest and most asks per user, the oldest last-asked second (O(users):
   for checks, not for polling under load).
-- ``GET /health`` — liveness and the agent's clock.
+- ``GET /health`` — liveness, connections, workers and their restarts, the
+  agent's clock.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import gevent
-from gevent import socket
 
 from app.client.schedule import share
 from app.httpapi import Api, HttpError, Request
 
-if TYPE_CHECKING:
-    from app.client.agent import Agent
+
+class Controlled(Protocol):
+    """What the routes need of the agent (so this module does not import it)."""
+
+    hosts: int
+    host_index: int
+    def set_qps(self, qps: int, at_second: int | None = None) -> dict[str, Any]: ...
+
+    def stats(self, since: int = 0, hist: bool = False) -> dict[str, Any]: ...
+
+    def coverage(self, timeout: float = 5.0) -> dict[str, Any]: ...
+
+    def health(self) -> dict[str, Any]: ...
 
 
-def build_api(agent: Agent, token: str = "", allow: Any = ()) -> Api:
+def build_api(agent: Controlled, token: str = "", allow: Any = ()) -> Api:
     """The agent's routes over the shared ``httpapi.Api``."""
     api = Api(token=token, allow=allow)
 
@@ -71,42 +81,6 @@ def build_api(agent: Agent, token: str = "", allow: Any = ()) -> Api:
 
     @api.route("/health")
     def health(request: Request) -> dict[str, Any]:
-        return {"status": "ok", "time": time.time(), "connections": agent.connections,
-                "target_connections": agent.n, "processes": len(agent.children)}
+        return {"status": "ok", "time": time.time(), **agent.health()}
 
     return api
-
-
-def get_json(address: tuple[str, int], path: str, timeout: float = 2.0) -> dict[str, Any]:
-    """GET ``path`` from a control API (HTTP/1.0, cooperative); raises OSError or ValueError."""
-    with socket.create_connection(address, timeout=timeout) as sock:
-        sock.sendall(f"GET {path} HTTP/1.0\r\nHost: {address[0]}\r\n\r\n".encode())
-        chunks = []
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                break
-            chunks.append(data)
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    status = head.split(b" ", 2)[1] if b" " in head else b"?"
-    if status != b"200":
-        raise ValueError(f"GET {path}: HTTP {status.decode(errors='replace')}")
-    return json.loads(body)
-
-
-def clock_offset(address: tuple[str, int], samples: int = 3) -> tuple[float, float]:
-    """``(offset, rtt)`` in seconds of the server's clock against ours, NTP-style.
-
-    offset = server_time - (t_send + t_receive) / 2, taken from the sample with
-    the smallest round trip (the one least disturbed by queueing).
-    """
-    best: tuple[float, float] | None = None
-    for _ in range(samples):
-        t0 = time.time()
-        server_time = float(get_json(address, "/health")["time"])
-        t1 = time.time()
-        sample = (server_time - (t0 + t1) / 2, t1 - t0)
-        if best is None or sample[1] < best[1]:
-            best = sample
-    assert best is not None
-    return best

@@ -6,11 +6,17 @@ user positions ``[0, n)``, the part ``[begin, end)`` this process owns, the
 server, source addresses and pacing. The parent talks to it through pipes:
 
 - stdin, one JSON object a line: ``{"qps": Q, "tick": K}`` (host-wide QPS
-  from absolute tick ``K`` = ``unix_time * ticks``) or ``{"stop": true}``.
-  End of file means the parent is gone: the worker exits.
+  from absolute tick ``K`` = ``unix_time * ticks``; the latest change due
+  wins), ``{"coverage": true}`` or ``{"stop": true}``. A line that is not
+  such an object is logged and ignored. End of file means the parent is
+  gone: the worker exits.
 - stdout, one JSON object a line, once per wall-clock second: what was sent
   (by the second stamped in the frames), answered, results by code, the
   latency histogram, claims, logins, reconnects and connections now up.
+
+The worker fails loudly: if its reactor greenlet (sockets, control input)
+or its pacer (the tick loop) dies, the process ends with ``EXIT_DIED`` and
+the agent restarts it like a dead SET.
 
 State (all in this module's ``Worker``): one ``Conn`` record per owned user,
 an fd -> record dict for the reactor, a heap of connection attempts due,
@@ -31,7 +37,6 @@ import resource
 import select
 import signal
 import socket
-import struct
 import sys
 import time
 from typing import Any
@@ -39,17 +44,25 @@ from typing import Any
 import gevent
 from gevent.event import Event
 
-from app import protocol
+from app.arbiter import EXIT_BOOT_ERROR
 from app.client.histogram import Histogram
-from app.client.schedule import clip, tick_span
-from app.protocol import LAYOUTS, Command, ProtocolError, check_header
+from app.client.schedule import Timeline, clip, tick_span
+from app.protocol import (
+    ClaimResult,
+    ClientSession,
+    EnvelopePush,
+    LoginResult,
+    ProtocolError,
+    ShakeCode,
+    ShakeResult,
+)
 from app.reactor import READ, READ_WRITE, Reactor, close_fd, read_some, write_some
 
 log = logging.getLogger("hongbao.client.worker")
 
 IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h; bind() then defers the port choice to connect()
 FD_RESERVE = 64  # descriptors kept free for the epoll, pipes and the odd HTTP request
-EXIT_CANNOT_BOOT = 3  # reserved: the parent halts instead of restarting us forever
+EXIT_DIED = 1  # the reactor or the pacer greenlet died: the parent restarts us
 
 BACKOFF_BASE = 0.5  # seconds; first retry after a loss waits uniform(0, 0.5)
 BACKOFF_CAP = 5.0  # seconds; the longest a retry waits (the connect-rate bucket bounds the rate;
@@ -69,17 +82,20 @@ MAX_CATCH_UP = 2  # seconds of missed ticks we still send (stamped with their ow
 DOWN, CONNECTING, LOGGING_IN, READY = range(4)
 ERROR_EVENTS = select.EPOLLERR | select.EPOLLHUP
 
-_LENGTH_COMMAND = struct.Struct(">HH")  # the header's first two fields, enough to validate
-_SHAKE = LAYOUTS[Command.SHAKE]
-_LOGIN = LAYOUTS[Command.LOGIN]
-_CLAIM = LAYOUTS[Command.CLAIM]
-_SHAKE_SIZE = _SHAKE.size
 
 
 class Conn:
-    """One user's connection; ``sent`` holds the send times of unanswered SHAKEs."""
+    """One user's connection; ``sent_at`` is the send time of its unanswered SHAKE (0: none).
 
-    __slots__ = ("pos", "userid", "fd", "state", "out", "buf", "sent", "attempt", "since",
+    Closed loop: a user is asked again only once its previous SHAKE was
+    answered (``Worker.run_tick`` skips and counts it otherwise), so one float
+    is all the in-flight state a user needs.
+
+    ``session`` (the protocol's rules, ``app.protocol.session``) is new for each
+    connection attempt and None while the user is down.
+    """
+
+    __slots__ = ("pos", "userid", "fd", "state", "out", "session", "sent_at", "attempt", "since",
                  "asks", "asked")
 
     def __init__(self, pos: int, userid: int) -> None:
@@ -88,8 +104,8 @@ class Conn:
         self.fd = -1
         self.state = DOWN
         self.out = b""
-        self.buf = b""
-        self.sent: list[float] = []
+        self.session: ClientSession | None = None
+        self.sent_at = 0.0
         self.attempt = 0
         self.since = 0.0
         self.asks = 0  # SHAKEs sent for this user, and the second of the last one
@@ -99,7 +115,7 @@ class Conn:
 class Worker:
     """Connections, pacing and per-second reports of one process."""
 
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: dict[str, Any], control_fd: int | None = None) -> None:
         self.index: int = spec["index"]
         self.first: int = spec["first"]  # userid of position 0
         self.n: int = spec["n"]  # positions of the whole host
@@ -110,10 +126,11 @@ class Worker:
         self.sources: list[str] = list(spec.get("sources") or [])
         self.ticks: int = spec["ticks"]
         self.pacing: str = spec["pacing"]
-        self.qps: int = spec.get("qps", 0)
+        # host QPS by tick: the change in effect now and later ones, each applied at its tick
+        self.timeline = Timeline(spec.get("changes") or [(0, spec.get("qps", 0))])
+        self.qps = 0
         self.connect_rate: float = spec["connect_rate"]  # attempts per second, this process
         self.max_in_flight = max(50, min(MAX_IN_FLIGHT, int(2 * self.connect_rate)))
-        self.changes: list[tuple[int, int]] = []  # (tick, qps) waiting for their tick
         self.conns = [Conn(p, self.first + p) for p in range(self.begin, self.end)]
         self.by_fd: dict[int, Conn] = {}
         self.due: list[tuple[float, int]] = [(0.0, p) for p in range(self.begin, self.end)]
@@ -123,17 +140,20 @@ class Worker:
         self.ready = 0
         self.reactor = Reactor(self._dispatch)
         self.wake = Event()
-        self.stdin = sys.stdin.fileno()
+        self.stdin = sys.stdin.fileno() if control_fd is None else control_fd
         self.ctl_buf = b""
         self.last_tick = 0
         self.expired_second = 0  # the second whose login timeouts were last checked
         self.stopping = False
+        self.died = ""  # why a greenlet of ours died (the process then exits EXIT_DIED)
         self._reset_counters()
 
     # --- per-second counters -------------------------------------------------
     def _reset_counters(self) -> None:
         self.sent: dict[int, int] = {}  # by stamped second
-        self.skipped: dict[int, int] = {}  # asked while that user's connection was down
+        self.skipped: dict[int, int] = {}  # asked while that user's connection was down, or
+        # while its previous SHAKE was still unanswered (closed loop: those also in busy)
+        self.busy = 0
         self.answered = 0
         self.results: dict[int, int] = {}
         self.hist = Histogram()
@@ -162,6 +182,7 @@ class Worker:
             "reconnects": self.reconnects, "connect_failures": self.connect_failures,
             "connects": self.connects, "ticks_skipped": self.ticks_skipped,
             "lost": self.lost, "errors": self.errors, "connections": self.ready,
+            "busy": self.busy,
             "qps": self.qps, "lag_ms": round(self.lag * 1000, 3),
         }
         sent, skipped = self.sent, self.skipped
@@ -192,6 +213,7 @@ class Worker:
             return
         conn.fd = sock.detach()
         conn.state = CONNECTING
+        conn.session = ClientSession(conn.userid)
         conn.since = now
         self.by_fd[conn.fd] = conn
         self.pending[conn.pos] = conn
@@ -214,8 +236,8 @@ class Worker:
         close_fd(conn.fd)
         self.by_fd.pop(conn.fd, None)
         self.pending.pop(conn.pos, None)
-        self.lost += len(conn.sent)
-        conn.fd, conn.state, conn.out, conn.buf, conn.sent = -1, DOWN, b"", b"", []
+        self.lost += conn.sent_at > 0.0
+        conn.fd, conn.state, conn.out, conn.session, conn.sent_at = -1, DOWN, b"", None, 0.0
         self._retry(conn, now, failed=not was_up)
 
     def _connect_due(self, now: float) -> None:
@@ -265,8 +287,7 @@ class Worker:
                     continue
                 conn.state = LOGGING_IN
                 self.reactor.modify(fd, READ)
-                self.send(conn, _LOGIN.pack(_LOGIN.size, Command.LOGIN, int(now), conn.userid),
-                          now)
+                self.send(conn, conn.session.login(int(now)), now)
                 continue
             if mask & select.EPOLLOUT and conn.out:
                 rest = write_some(fd, conn.out)
@@ -289,47 +310,33 @@ class Worker:
                         self.drop(conn, now)
 
     def _frames(self, conn: Conn, data: bytes, now: float) -> None:
-        buf = conn.buf + data if conn.buf else data
-        off, end = 0, len(buf)
-        while end - off >= 4:
-            length, cmd = _LENGTH_COMMAND.unpack_from(buf, off)
-            check_header(length, cmd)
-            if end - off < length:
-                break
-            if cmd == Command.SHAKE_RESULT:
-                _, _, _, _, result, _, amount = LAYOUTS[cmd].unpack_from(buf, off)
+        """The server's frames, through the connection's session (raises ProtocolError)."""
+        for frame in conn.session.receive(data):
+            kind = type(frame)
+            if kind is ShakeResult:
+                result = frame.result
                 self.answered += 1
                 self.results[result] = self.results.get(result, 0) + 1
-                if result == protocol.ShakeCode.GOT:
-                    self.shake_amount += amount
-                if conn.sent:
-                    self.hist.record(int((now - conn.sent.pop(0)) * 1e6))
-            elif cmd == Command.ENVELOPE_PUSH:
-                envelope_id = LAYOUTS[cmd].unpack_from(buf, off)[3]
+                if result == ShakeCode.GOT:
+                    self.shake_amount += frame.amount
+                if conn.sent_at:
+                    self.hist.record(int((now - conn.sent_at) * 1e6))
+                    conn.sent_at = 0.0
+            elif kind is EnvelopePush:
                 self.claims_sent += 1
-                self.send(conn, _CLAIM.pack(_CLAIM.size, Command.CLAIM, int(now), 0,
-                                            envelope_id), now)
-            elif cmd == Command.CLAIM_RESULT:
-                amount = LAYOUTS[cmd].unpack_from(buf, off)[4]
-                if amount:
+                self.send(conn, conn.session.claim(frame.envelope_id, int(now)), now)
+                if conn.fd < 0:
+                    return  # dropped while sending the claim
+            elif kind is ClaimResult:
+                if frame.amount:
                     self.claims_granted += 1
-                    self.claim_amount += amount
-            elif cmd == Command.LOGIN_RESULT:
-                result = LAYOUTS[cmd].unpack_from(buf, off)[4]
-                if result != protocol.LoginCode.OK:
-                    raise ProtocolError("login", f"refused with {result}")
-                if conn.state == LOGGING_IN:
-                    conn.state = READY
-                    conn.attempt = 0
-                    self.ready += 1
-                    self.logins += 1
-                    self.pending.pop(conn.pos, None)
-            else:
-                raise ProtocolError("command", f"server sent client command {cmd}")
-            off += length
-            if conn.fd < 0:
-                return  # dropped while sending a claim
-        conn.buf = buf[off:]
+                    self.claim_amount += frame.amount
+            elif kind is LoginResult and conn.state == LOGGING_IN:
+                conn.state = READY
+                conn.attempt = 0
+                self.ready += 1
+                self.logins += 1
+                self.pending.pop(conn.pos, None)
 
     def _control(self) -> None:
         data = read_some(self.stdin, 65536)
@@ -339,21 +346,27 @@ class Worker:
         self.ctl_buf += data
         *lines, self.ctl_buf = self.ctl_buf.split(b"\n")
         for line in lines:
-            if not line.strip():
-                continue
-            msg = json.loads(line)
-            if msg.get("stop"):
-                self.stopping = True
-            elif msg.get("coverage"):
-                self.coverage()
-            elif "qps" in msg:
-                tick = int(msg.get("tick", 0))
-                if tick <= self.last_tick:
-                    self.qps = int(msg["qps"])
-                else:
-                    self.changes.append((tick, int(msg["qps"])))
-                    self.changes.sort()
-                self.wake.set()  # an idle pacer sleeps to the next second: wake it now
+            if line.strip():
+                try:
+                    self._command(json.loads(line))
+                except (ValueError, TypeError, AttributeError) as exc:
+                    log.warning("ignoring control line %r: %s", line[:80], exc)
+
+    def _command(self, msg: dict[str, Any]) -> None:
+        """One control message (raises ValueError/TypeError/AttributeError when malformed)."""
+        if msg.get("stop"):
+            self.stopping = True
+            self.wake.set()
+        elif msg.get("coverage"):
+            self.coverage()
+        elif "qps" in msg:
+            qps, tick = int(msg["qps"]), int(msg.get("tick", 0))
+            if qps < 0:
+                raise ValueError("negative qps")
+            self.timeline.add(tick, qps)
+            self.wake.set()  # an idle pacer sleeps to the next second: wake it now
+        else:
+            raise ValueError("neither stop, coverage nor qps")
 
     def coverage(self) -> None:
         """Report how evenly users were asked: O(connections), so only on request."""
@@ -368,25 +381,26 @@ class Worker:
     # --- pacing ---------------------------------------------------------------
     def run_tick(self, tick: int, now: float) -> None:
         """Send this process's part of the window slice of absolute ``tick``."""
-        while self.changes and self.changes[0][0] <= tick:
-            self.qps = self.changes.pop(0)[1]
+        self.qps = self.timeline.at(tick)
         second, k = divmod(tick, self.ticks)
         if k == 0:
             self.report(second - 1)
         start, count = tick_span(second, k, self.qps, self.n, self.ticks, self.pacing)
         if not count:
             return
-        conns, base, sent, skipped = self.conns, self.begin, 0, 0
-        frame_for = _SHAKE.pack
+        conns, base, sent, skipped, busy = self.conns, self.begin, 0, 0, 0
+        send = self.send
         for lo, hi in clip(start, count, self.n, self.begin, self.end):
-            for pos in range(lo, hi):
-                conn = conns[pos - base]
+            for conn in conns[lo - base:hi - base]:
                 if conn.state != READY:
                     skipped += 1
                     continue
-                self.send(conn, frame_for(_SHAKE_SIZE, Command.SHAKE, second, conn.userid), now)
+                if conn.sent_at:  # closed loop: its previous SHAKE is still unanswered
+                    busy += 1
+                    continue
+                send(conn, conn.session.shake(second), now)
                 if conn.state == READY:
-                    conn.sent.append(now)
+                    conn.sent_at = now
                     conn.asks += 1
                     conn.asked = second
                     sent += 1
@@ -394,18 +408,20 @@ class Worker:
                     skipped += 1  # the write found the connection gone
         if sent:
             self.sent[second] = self.sent.get(second, 0) + sent
-        if skipped:
-            self.skipped[second] = self.skipped.get(second, 0) + skipped
+        if skipped or busy:
+            self.skipped[second] = self.skipped.get(second, 0) + skipped + busy
+            self.busy += busy
 
     def idle(self, next_tick: float) -> bool:
         """True when the ticks until the next second would do nothing."""
-        return (not self.qps and not self.changes and not self.pending
+        return (not self.qps and not self.timeline.pending(self.last_tick) and not self.pending
                 and not (self.due and self.due[0][0] <= next_tick + 1.0))
 
     def pace(self) -> None:
         """The tick loop: sleep to the next wall-clock tick, run every tick now due."""
         ticks = self.ticks
         self.last_tick = int(time.time() * ticks)
+        self.qps = self.timeline.at(self.last_tick)  # a restarted worker: what applies now
         while not self.stopping:
             now = time.time()
             next_tick = (int(now * ticks) + 1) / ticks
@@ -435,17 +451,34 @@ class Worker:
                 self.expired_second = current // ticks
                 self._expire_logins(now)
 
-    def run(self) -> None:
+    def run(self) -> int:
+        """Serve until told to stop (0) or until one of our greenlets dies (``EXIT_DIED``)."""
         os.set_blocking(self.stdin, False)
         self.reactor.register(self.stdin, READ)
-        self.reactor.start()
+        self.reactor_greenlet = self.reactor.start()
+        self.reactor_greenlet.link_exception(self._greenlet_died)
+        self.pacer = pacer = gevent.spawn(self.pace)
+        pacer.name = "pacer"
+        pacer.link_exception(self._greenlet_died)
         try:
-            self.pace()
+            pacer.join()
+            if pacer.exception is not None and not self.died:
+                self._greenlet_died(pacer)
         finally:
+            pacer.kill()
             self.reactor.close()
             for conn in self.conns:
                 if conn.fd >= 0:
                     close_fd(conn.fd)
+        return EXIT_DIED if self.died else 0
+
+    def _greenlet_died(self, greenlet: gevent.Greenlet) -> None:
+        if self.died:
+            return
+        self.died = f"{greenlet.name} greenlet died: {greenlet.exception!r}"
+        log.error("process %d: %s; exiting %d", self.index, self.died, EXIT_DIED)
+        self.stopping = True
+        self.wake.set()
 
 
 def raise_fd_limit(needed: int) -> None:
@@ -455,7 +488,7 @@ def raise_fd_limit(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if needed + FD_RESERVE > hard:
         sys.stderr.write(f"need {needed + FD_RESERVE} descriptors, hard limit is {hard}\n")
-        sys.exit(EXIT_CANNOT_BOOT)
+        sys.exit(EXIT_BOOT_ERROR)  # the agent halts instead of restarting us forever
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -468,7 +501,7 @@ def main(argv: list[str] | None = None) -> None:
     # Ctrl-C reaches the whole process group; the agent decides when we stop
     # (a "stop" line or the end of stdin), so a terminal's SIGINT is ignored.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    Worker(spec).run()
+    sys.exit(Worker(spec).run())
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -335,9 +336,18 @@ def write_table(summary: dict[str, Any], run_dir: Path, graphs: list[Path]) -> s
                           f" {_pct(r['scheduled_within'])} of seconds within ±2%"
                           for r in s["phases"] if r["target"]),
               f"clock offset to server (ms, per host): {s['clock_offset_ms']}",
-              f"run dir: {run_dir}", f"graphs: {', '.join(p.name for p in graphs) or 'none'}",
+              f"run dir: {run_dir}", report_line(run_dir, graphs),
               *verdict_lines(s)]
     return "\n".join(lines)
+
+
+def report_line(run_dir: Path, files: list[Path]) -> str:
+    """Where to look: the report page, or why there is none."""
+    pages = [f for f in files if f.suffix == ".html"]
+    if not pages:
+        return "report: none (see the warning above)"
+    n = sum(f.suffix == ".png" for f in files)
+    return f"report: {pages[0]} ({n} graph{'' if n == 1 else 's'})"
 
 
 def write_graphs(run_dir: Path) -> list[Path]:
@@ -347,7 +357,10 @@ def write_graphs(run_dir: Path) -> list[Path]:
     optional layer with its own dependencies), and a report that fails or hangs
     costs the run its pictures, never its verdict. Returns the files written.
     """
-    cmd = [sys.executable, "-m", "monitor.report", "--run", str(run_dir)]
+    # Graphite only when this run sent its metrics there (make smoke sets the variable
+    # exactly then); else the run's own records, never whatever a running stack holds.
+    graphite = os.environ.get("HONGBAO_GRAPHITE_URL", "")
+    cmd = [sys.executable, "-m", "monitor.report", "--run", str(run_dir), "--graphite", graphite]
     try:
         done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], capture_output=True,
                               text=True, timeout=REPORT_TIMEOUT)

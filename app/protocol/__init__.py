@@ -6,3 +6,13 @@
 
 from app.protocol.codec import *  # noqa: F403
 from app.protocol.codec import __all__  # noqa: F401
+from app.protocol.session import (  # noqa: F401
+    ClaimAsked,
+    ClaimRefused,
+    ClientSession,
+    LoggedIn,
+    Phase,
+    ServerSession,
+    ShakeAsked,
+    ShakeRefused,
+)

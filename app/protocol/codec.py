@@ -75,7 +75,6 @@ class LoginCode(IntEnum):
     """The ``result`` field of LOGIN_RESULT."""
 
     OK = 0
-    BAD_USERID = 1  # userid 0 is reserved for "me" and cannot log in
     WRONG_SET = 2  # handed to a SET that does not own the user (internal fault)
 
 

@@ -30,6 +30,10 @@ class LedgerError(Exception):
     """A replayed record contradicts the state (e.g. granting a missing envelope)."""
 
 
+class IdsExhausted(Exception):
+    """No envelope id is left for this SET (u32 ids): a run-time limit, not a bad journal."""
+
+
 @dataclass
 class Campaign:
     """A generation campaign: ``rate`` per second until ``remaining`` reaches 0."""
@@ -83,7 +87,8 @@ class Ledger:
     def next_eid(self) -> int:
         eid = self.c["next_seq"] * self.sets + self.set_id
         if eid > MAX_EID:
-            raise LedgerError("envelope ids exhausted for this journal; start a fresh one")
+            raise IdsExhausted(f"SET {self.set_id}: envelope ids exhausted (next would be {eid} "
+                               f"> {MAX_EID}); start with a fresh --journal-dir")
         return eid
 
     def generate(self, amount: int) -> int:

@@ -1,0 +1,67 @@
+"""What one SET counts: named counters, shakes per second by result, loop health.
+
+Shakes are counted twice per second: by the second the client stamped in
+the frame (``by_sent``, the "scheduled" check) and by arrival here
+(``by_arrival``, what was served in each second). Rows are lists indexed by
+``CODE_INDEX``; the last ``SECONDS_KEPT`` seconds are kept, and ``/stats``
+ships only the seconds from its ``since``.
+"""
+
+from __future__ import annotations
+
+from app import protocol as p
+from app.metrics.statsd import Metrics
+
+SECONDS_KEPT = 300  # per-second history for /stats
+TIMESTAMP_SLACK = 60  # a frame timestamp further than this from our clock counts by arrival
+CODE_INDEX = {int(p.ShakeCode.GOT): 0, int(p.ShakeCode.NONE_LEFT): 1,
+              int(p.ShakeCode.REFUSED): 2, int(p.ShakeCode.OVERLOAD): 3}
+SHAKE_METRIC = ("shakes.14", "shakes.15", "shakes.16", "shakes.17")
+
+
+class SetStats:
+    def __init__(self) -> None:
+        self.counters: dict[str, int] = {}
+        self.by_sent: dict[int, list[int]] = {}
+        self.by_arrival: dict[int, list[int]] = {}
+        self.health_by_second: dict[int, tuple[float, float]] = {}  # (loop lag, GC pause) ms
+        self.shake_totals = [0, 0, 0, 0]  # by code index, since start (to statsd as deltas)
+        self._shake_flushed = [0, 0, 0, 0]
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    def shake(self, code: int, sent: int, second: int) -> None:
+        """One SHAKE answered with ``code``: by the client's second and by arrival."""
+        index = CODE_INDEX[code]
+        if abs(sent - second) > TIMESTAMP_SLACK:
+            sent = second
+        row = self.by_sent.get(sent)
+        if row is None:
+            row = self.by_sent[sent] = [0, 0, 0, 0]
+        row[index] += 1
+        row = self.by_arrival.get(second)
+        if row is None:
+            row = self.by_arrival[second] = [0, 0, 0, 0]
+        row[index] += 1
+        self.shake_totals[index] += 1
+
+    def end_second(self, now: float, metrics: Metrics, lag: float, pause: float) -> None:
+        """Once a second: drop old rows, send shake deltas, record loop health."""
+        horizon = int(now) - SECONDS_KEPT
+        for table in (self.by_sent, self.by_arrival, self.health_by_second):
+            for old in [s for s in table if s < horizon]:
+                del table[old]
+        for i, name in enumerate(SHAKE_METRIC):
+            metrics.incr(name, self.shake_totals[i] - self._shake_flushed[i])
+        self._shake_flushed = list(self.shake_totals)
+        self.health_by_second[int(now) - 1] = (lag, pause)
+
+    def tables(self, since: int = 0) -> dict:
+        """The per-second tables from second ``since`` on (all kept seconds for 0)."""
+        return {
+            "counters": dict(self.counters),
+            "by_sent": {str(s): v for s, v in self.by_sent.items() if s >= since},
+            "by_arrival": {str(s): v for s, v in self.by_arrival.items() if s >= since},
+            "health": {str(s): v for s, v in self.health_by_second.items() if s >= since},
+        }

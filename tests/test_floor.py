@@ -1,0 +1,74 @@
+"""The scale bench's floor: the C programs compile and serve exactly; the bench sets it beside ours.
+
+A real run of ``app/bench/floor.c`` at a size any machine affords (3,000
+connections, 3 hosts, 1,500 shakes a second for 4 s): every steady second
+is counted exactly at both ends, so the share within ±2% is 1.0 — no timing
+is asserted. The helpers that lay out the floor's processes and set its
+figures beside hongbao's are checked with exact numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from app.bench import floor, scale
+from app.client.agent import PER_PROCESS
+
+
+def test_client_layout_splits_hosts_like_the_agent():
+    layout = floor.client_layout(1_000_000, 17)
+    assert sum(n for _, n in layout) == 1_000_000
+    assert len(layout) == 17 * 4  # 58,823 users a host, 19,000 a process at most
+    assert max(n for _, n in layout) <= PER_PROCESS
+    firsts = [f for f, _ in layout]
+    assert firsts == sorted(firsts) and firsts[0] == 1
+    # contiguous: each process starts where the previous one ended
+    assert all(f + n == g for (f, n), (g, _) in zip(layout, layout[1:], strict=False))
+
+
+def test_within_share_counts_seconds_inside_two_percent():
+    counts = {10: 1000, 11: 1020, 12: 1021, 13: 980, 14: 0}
+    assert floor.within_share(counts, range(10, 15), 1000) == 3 / 5
+
+
+def test_attach_floor_gives_each_phase_the_floor_and_the_ratio():
+    result = {"phases": [{"target": 30000, "server_cpu_us_per_request": 15.0,
+                          "client_cpu_us_per_request": 15.0},
+                         {"target": 60000, "server_cpu_us_per_request": 12.0,
+                          "client_cpu_us_per_request": None}],
+              "floor": {"kind": "C", "phases": [
+                  {"target": 30000, "server_cpu_us_per_request": 11.0,
+                   "client_cpu_us_per_request": 9.0},
+                  {"target": 60000, "server_cpu_us_per_request": 10.0,
+                   "client_cpu_us_per_request": 8.0}]}}
+    scale.attach_floor(result)
+    first, second = result["phases"]
+    assert first["floor_ratio"] == 1.5
+    assert first["floor_server_cpu_us_per_request"] == 11.0
+    assert "floor_ratio" not in second  # hongbao's client side was not measured
+    table = "\n".join(scale.floor_lines(result))
+    assert "1.50x" in table
+
+
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler")
+def test_floor_serves_every_second_exactly(tmp_path):
+    result = floor.measure(tmp_path, connections=3000, hosts=3, phases=[1500], seconds=4,
+                           ticks=20, connect_timeout=60)
+    assert result["kind"].startswith("C epoll floor")
+    assert result["processes"] == {"servers": 1, "clients": 3}
+    (phase,) = result["phases"]
+    assert phase["target"] == 1500
+    assert phase["server_arrival_within"] == 1.0
+    assert phase["client_answered_within"] == 1.0
+    assert phase["server_cpu_us_per_request"] > 0 and phase["client_cpu_us_per_request"] > 0
+    # every request sent in a steady second was answered: the clients' own records
+    sent = answered = 0
+    for path in tmp_path.glob("client*.jsonl"):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            sent += record["sent"]
+            answered += record["answered"]
+    assert sent == answered == 1500 * 4

@@ -1,0 +1,170 @@
+"""The SET's parts with no server process: commit step, journal writer, stats, service rules.
+
+Each test here is for a numbered defect of issue 11 (or a rule that
+replaced it) and fails on the code before the fix.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+import pytest
+
+from app import protocol as p
+from app.metrics.statsd import Metrics
+from app.server import set_worker
+from app.server.journal import JournalWriter, read_journal, record_offsets
+from app.server.ledger import MAX_EID, IdsExhausted, Ledger
+from app.server.service import Service, campaign_problem
+from app.server.set_stats import SetStats
+from app.server.transport import Conn, Transport
+
+CONFIG = {"shake_budget": 1000, "amount_min": 1, "amount_max": 10, "group_amount_min": 3,
+          "group_amount_max": 30, "claim_ttl": 60}
+
+
+class NoReactor:
+    """Registration calls are accepted and forgotten (no sockets in these tests)."""
+
+    def register(self, *args) -> None:
+        pass
+
+    unregister = modify = register
+
+
+def a_set(journal: JournalWriter) -> set_worker.SetWorker:
+    """A SetWorker wired as ``init_process`` does, minus listener, inbox and greenlets."""
+    worker = set_worker.SetWorker(0, 1, 0, -1, [], -1, CONFIG)
+    worker.journal = journal
+    worker.ledger = Ledger(0, 1, journal)
+    worker.metrics = Metrics("test", None)
+    worker.transport = Transport(NoReactor(), worker.stats.count)
+    worker.service = Service(0, 1, CONFIG, worker.ledger, worker.transport, worker.stats,
+                             worker.metrics)
+    return worker
+
+
+def connected(worker: set_worker.SetWorker, userid: int) -> tuple[Conn, int]:
+    """A logged-in Conn writing into a pipe (write_some only writes); and the reading end."""
+    read_end, write_end = os.pipe()
+    conn = Conn(write_end)
+    conn.resume(userid)
+    worker.transport.conns[conn.fd] = conn
+    worker.transport.users[userid] = conn
+    return conn, read_end
+
+
+def test_failed_journal_write_releases_no_answer_and_halts(tmp_path):
+    """Issue 11 item 1: the answers of a batch whose journal write failed never go out."""
+    journal = JournalWriter(str(tmp_path / "j"))
+    worker = a_set(journal)
+    worker.ledger.set_yao(10, 10)
+    worker.ledger.generate(5)
+    worker.commit()
+    conn, peer = connected(worker, 7)
+    worker.service.serve(conn, [p.ShakeAsked(0)], int(time.time()))
+    assert conn.out  # the GOT answer is queued
+    full = os.open("/dev/full", os.O_WRONLY)  # every write: ENOSPC
+    os.dup2(full, journal.fd)
+    os.close(full)
+    with pytest.raises(set_worker.SetHalt, match="journal write failed"):
+        worker.commit()
+    assert worker.halted and conn.out == b"" and journal.pending == 1
+    worker.transport.send(conn, b"late")
+    worker.commit()  # halted: neither the journal nor the answers move any more
+    os.set_blocking(peer, False)
+    with pytest.raises(BlockingIOError):
+        os.read(peer, 100)  # nothing ever reached the client
+    os.close(peer)
+    worker.transport.close_all()
+
+
+def test_journal_keeps_a_failed_batch_pending_and_off_the_file(tmp_path):
+    """The writer no longer forgets records whose write failed (issue 11 item 1)."""
+    path = tmp_path / "j"
+    journal = JournalWriter(str(path))
+    journal.append(b"G", 0, 5)
+    journal.flush()
+    journal.append(b"G", 1, 6)
+    full = os.open("/dev/full", os.O_WRONLY)
+    saved = os.dup(journal.fd)
+    os.dup2(full, journal.fd)
+    with pytest.raises(OSError) as info:
+        journal.flush()
+    assert info.value.errno == errno.ENOSPC
+    assert journal.pending == 1 and journal.records == 1
+    os.dup2(saved, journal.fd)  # the disk has room again: the same batch is written
+    os.close(saved)
+    os.close(full)
+    journal.flush()
+    assert read_journal(str(path)) == ([(b"G", (0, 5)), (b"G", (1, 6))], 0)
+
+
+@pytest.mark.parametrize("durability, syncs", [("written", 0), ("fdatasync", 3)])
+def test_durability_fdatasync_syncs_every_batch_before_its_answers(tmp_path, durability,
+                                                                   syncs):
+    journal = JournalWriter(str(tmp_path / "j"), durability)
+    for i in range(3):
+        journal.append(b"G", i, 1)
+        journal.append(b"G", i + 10, 1)  # two records, one batch, one sync
+        journal.flush()
+    assert journal.syncs == syncs and journal.records == 6
+
+
+def test_durability_must_be_a_known_mode(tmp_path):
+    with pytest.raises(ValueError, match="durability"):
+        JournalWriter(str(tmp_path / "j"), "sometimes")
+
+
+def test_envelope_id_exhaustion_is_a_run_time_limit_not_a_boot_error():
+    """Issue 11 item 5: IdsExhausted (exit 75, restarted), not LedgerError (exit 3)."""
+    ledger = Ledger(0, 1)
+    ledger.c["next_seq"] = MAX_EID
+    ledger.generate(5)  # the last id there is
+    with pytest.raises(IdsExhausted, match="exhausted"):
+        ledger.generate(5)
+    assert ledger.c["gen_count"] == 1
+
+
+def test_set_stats_ship_only_the_seconds_asked_for():
+    """Issue 11 item 7: ``since`` cuts the per-second tables, not only the health rows."""
+    stats = SetStats()
+    for second in range(1000, 1300):
+        stats.shake(p.ShakeCode.GOT, second, second)
+    tables = stats.tables(since=1290)
+    assert sorted(tables["by_sent"]) == [str(s) for s in range(1290, 1300)]
+    assert sorted(tables["by_arrival"]) == [str(s) for s in range(1290, 1300)]
+    assert len(stats.tables()["by_sent"]) == 300
+
+
+@pytest.mark.parametrize("budget, sets", [(100000, 7), (5, 11), (3, 3), (1, 2)])
+def test_budget_shares_sum_to_the_server_budget(budget, sets):
+    shares = [Service(k, sets, {**CONFIG, "shake_budget": budget}, Ledger(k, sets), None, None,
+                      None).budget for k in range(sets)]
+    assert sum(shares) == budget and max(shares) - min(shares) <= 1
+
+
+@pytest.mark.parametrize("kind, fields, config, problem", [
+    (b"Y", (10, 100), {"amount_min": 500, "amount_max": 1}, "amount_min 500"),
+    (b"Y", (0, 100), {"amount_min": 500, "amount_max": 1}, ""),  # no rate: nothing to run
+    (b"Y", (10, 100), {"amount_min": 1, "amount_max": 500}, ""),
+    (b"F", (5, 10, 100, 1), {}, "min 100 > max 1"),
+    (b"F", (5, 10, 1, 100), {"group_amount_min": 90, "group_amount_max": 9},
+     "group_amount_min 90"),
+])
+def test_campaign_problems_name_the_setting(kind, fields, config, problem):
+    assert (campaign_problem({**CONFIG, **config}, kind, fields) != "") == bool(problem)
+    assert problem in campaign_problem({**CONFIG, **config}, kind, fields)
+
+
+def test_record_offsets_locate_each_record(tmp_path):
+    journal = JournalWriter(str(tmp_path / "j"))
+    journal.append(b"Y", 1, 2)
+    journal.append(b"G", 0, 5)
+    journal.append(b"F", 1, 2, 3, 4)
+    journal.flush()
+    records, _ = read_journal(str(tmp_path / "j"))
+    data = (tmp_path / "j").read_bytes()
+    assert [data[o : o + 1] for o in record_offsets(records)] == [b"Y", b"G", b"F"]
