@@ -74,6 +74,7 @@ class Plan:
     group_qps: int = 200  # group envelopes per second during both phases (the classic)
     shake_envelope_qps: int = 83  # per client host, as the classic generated them
     start_timeout: int = 600  # seconds for every connection to log in
+    ramp_attempts: int = 1  # windows judged per rate before it counts as not served
 
 
 @dataclass
@@ -101,6 +102,7 @@ class Experiment:
         self.started = time.time()
         self.hosts: dict[str, list[str]] = {}
         self.logins_from: int | None = None
+        self.served: dict[int, bool] = {}  # rate -> served in one of its attempts
         self.load_from = 0
 
     # -- running playbooks ----------------------------------------------------
@@ -246,23 +248,30 @@ class Experiment:
                     group_qps=group, shake_envelope_qps=shake)
 
     def ramp(self, qps: int) -> dict:
-        report = self.run_dir / f"ramp-{qps}.json"
-        name = f"ramp-qps {qps}"
-        ran = self.play(name.replace(" ", "-"), "ramp-qps.yml", "-e", f"qps={qps}",
-                        "-e", f"ramp_report={report}")
-        figures = json.loads(report.read_text()) if report.exists() else {}
-        ok = ran["rc"] == 0 and bool(figures.get("ok"))
-        if figures:
-            p99 = [v for v in figures["p99_ms"] if v is not None]
-            p50 = [v for v in figures["p50_ms"] if v is not None]
-            result = (f"served {figures['served']} answered {figures['answered']} "
-                      f"(scheduled {figures['scheduled']}); "
-                      f"p50 ≤ {max(p50, default=0):g} ms, p99 ≤ {max(p99, default=0):g} ms")
-        else:
-            result = _failure_lines(ran["output"])
-        self.record(name, ran["seconds"], ok, result, verdict=figures)
-        if not ok and not figures:
-            raise StepFailed(f"{name}: {result}")
+        """ramp-qps at qps; on a shared machine ``ramp_attempts`` > 1 judges a fresh
+        window after a failed one (every attempt is recorded and printed)."""
+        for attempt in range(1, self.plan.ramp_attempts + 1):
+            suffix = f" (attempt {attempt})" if attempt > 1 else ""
+            name = f"ramp-qps {qps}{suffix}"
+            report = self.run_dir / f"ramp-{qps}{'-' + str(attempt) if suffix else ''}.json"
+            ran = self.play(name.replace(" ", "-").replace("(", "").replace(")", ""),
+                            "ramp-qps.yml", "-e", f"qps={qps}", "-e", f"ramp_report={report}")
+            figures = json.loads(report.read_text()) if report.exists() else {}
+            ok = ran["rc"] == 0 and bool(figures.get("ok"))
+            if figures:
+                p99 = [v for v in figures["p99_ms"] if v is not None]
+                p50 = [v for v in figures["p50_ms"] if v is not None]
+                result = (f"served {figures['served']} answered {figures['answered']} "
+                          f"(scheduled {figures['scheduled']}); p50 ≤ {max(p50, default=0):g}"
+                          f" ms, p99 ≤ {max(p99, default=0):g} ms")
+            else:
+                result = _failure_lines(ran["output"])
+            self.record(name, ran["seconds"], ok, result, verdict=figures)
+            if not figures:
+                raise StepFailed(f"{name}: {result}")
+            self.served[qps] = ok
+            if ok:
+                break
         return figures
 
     def hold(self, qps: int) -> None:
@@ -387,9 +396,9 @@ class Experiment:
             with GraphiteTunnel(self) as url:
                 self.compare_graphite(url, before, after)
                 self.report(url)
-            missed = [s.name for s in self.steps if s.name.startswith("ramp-qps") and not s.ok]
+            missed = [qps for qps, ok in self.served.items() if not ok]
             if missed:
-                raise StepFailed(f"rates not served: {', '.join(missed)}")
+                raise StepFailed(f"rates not served: {missed}")
         except BaseException as exc:
             error = exc
             raise
@@ -498,6 +507,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tolerance", type=float, default=0.02,
                         help="fraction of the rate each checked second may be off (0.02)")
     parser.add_argument("--group-qps", type=int, default=200)
+    parser.add_argument("--ramp-attempts", type=int, default=1,
+                        help="windows judged per rate before it fails (a shared machine: 2)")
     parser.add_argument("--run-dir", type=Path)
     parser.add_argument("--no-stop", action="store_true", help="leave the services running")
     return parser.parse_args(argv)
@@ -517,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         list(LOCAL_RATES if args.local else (30000, 60000)),
         hold=args.hold if args.hold is not None else 60.0,
         verify_seconds=args.verify_seconds, tolerance=args.tolerance, group_qps=args.group_qps,
+        ramp_attempts=args.ramp_attempts,
         start_timeout=600)
     run_dir = args.run_dir or REPO_ROOT / "runs" / time.strftime("fleet-%Y%m%dT%H%M%SZ",
                                                                  time.gmtime())

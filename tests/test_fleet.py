@@ -120,8 +120,10 @@ def _fleet(tmp_path_factory, name: str, subnet: str):
         test_fleet.up(clients=CLIENTS, monitors=1)
         test_fleet.figures = {"up_seconds": round(time.monotonic() - started, 1)}
         test_fleet.source = source
+        # Two windows per rate: the machine is shared, a neighbour's burst can
+        # starve one (each attempt is in the figures).
         plan = Plan(connections=CONNECTIONS_PER_CLIENT, rates=list(RATES), hold=10,
-                    verify_seconds=5, tolerance=TOLERANCE)
+                    verify_seconds=5, tolerance=TOLERANCE, ramp_attempts=2)
         test_fleet.experiment = Experiment(
             inventory / "hosts.yml", state / "run", plan, state_dir=state,
             extra=_snapshot_vars(test_fleet))
@@ -189,9 +191,12 @@ def test_check_diff_on_new_hosts(fleet):
 
 
 def _step(summary: dict, name: str) -> dict:
-    steps = [s for s in summary["steps"] if s["name"] == name]
-    assert len(steps) == 1, [s["name"] for s in summary["steps"]]
-    return steps[0]
+    """The step of that name (a ramp's last attempt)."""
+    steps = [s for s in summary["steps"]
+             if s["name"] == name or s["name"].startswith(f"{name} (attempt ")]
+    assert steps and (len(steps) == 1 or name.startswith("ramp-qps")), \
+        [s["name"] for s in summary["steps"]]
+    return steps[-1]
 
 
 def test_experiment_on_the_production_shape(fleet):
@@ -268,12 +273,12 @@ def test_check_diff_after_deploy_changes_nothing(fleet):
     assert all(r["changed"] == 0 for r in checked["recap"].values())
 
 
-def _ssh(f: Fleet, host, *command: str) -> str:
+def _ssh(f: Fleet, host, *command: str, check: bool = True) -> str:
     return subprocess.run(
         ["ssh", "-i", str(f.key_file), "-o", "StrictHostKeyChecking=no",
          "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "BatchMode=yes",
          f"root@{host.address}", *command],
-        capture_output=True, text=True, check=True, timeout=30).stdout
+        capture_output=True, text=True, check=check, timeout=30).stdout
 
 
 def test_ramp_fails_when_the_server_does_not_serve_the_rate(fleet):
@@ -289,9 +294,11 @@ def test_ramp_fails_when_the_server_does_not_serve_the_rate(fleet):
     _ssh(fleet, server, "kill", "-STOP", str(pid))
     try:
         failed = play(fleet, "ramp-qps.yml", "-e", f"qps={qps}", "-e", f"ramp_report={report}",
-                      "-e", "ramp_verify_seconds=3", name="ramp-stopped", fails=True)
+                      "-e", "ramp_verify_seconds=3", "-e", "ramp_settle_seconds=0",
+                      name="ramp-stopped", fails=True)
     finally:
-        _ssh(fleet, server, "kill", "-CONT", str(pid))
+        # (On a slow day the supervisor may have replaced the hung SET already.)
+        _ssh(fleet, server, "kill", "-CONT", str(pid), check=False)
     verdict = json.loads(report.read_text())
     fleet.figures["ramp-stopped"] = {k: verdict[k] for k in ("served", "answered", "scheduled")}
     assert not verdict["ok"]
@@ -299,14 +306,19 @@ def test_ramp_fails_when_the_server_does_not_serve_the_rate(fleet):
     assert any("served" in failure for failure in verdict["failures"])
     assert f"{qps}/s not served" in failed["output"]
     assert "served" in failed["output"] and str(verdict["served"]) in failed["output"]
-    # The stopped SET resumes: the next ramp is served again.
+    # The SET resumes (or its replacement takes the users back): every connection
+    # is held again and the next ramp is served.
+    play(fleet, "start.yml", name="start-resumed")
     play(fleet, "ramp-qps.yml", "-e", f"qps={qps}", name="ramp-resumed")
 
 
 def test_paramiko_connection(fleet):
-    """The same inventory over paramiko: an idempotent slice of deploy, and status."""
+    """The same inventory over paramiko: an idempotent slice of deploy (on one host of
+    each group: paramiko is slow, the other 16 clients are the same), and status."""
+    one_each = ",".join(h.name for h in (fleet.hosts[0], fleet.hosts[1], fleet.hosts[-1]))
     result = play(fleet, "deploy.yml", "-e", "ansible_connection=paramiko",
-                  "--tags", "limits,sysctl,ntp", name="deploy-paramiko")
+                  "--tags", "limits,sysctl,ntp", "--limit", one_each, name="deploy-paramiko")
+    assert set(result["recap"]) == set(one_each.split(","))
     assert all(r["changed"] == 0 for r in result["recap"].values())
     status = play(fleet, "status.yml", "-e", "ansible_connection=paramiko", "-vvv",
                   name="status-paramiko")
