@@ -59,7 +59,7 @@ RESTART_BACKOFF_CAP = 30.0  # seconds between restarts of a worker that keeps dy
 STOP_TIMEOUT = 3.0  # seconds a worker has to exit after "stop" before it is killed
 COUNTERS = ("sent", "skipped", "answered", "claims_sent", "claims_granted", "claim_amount",
             "shake_amount", "logins", "reconnects", "connects", "connect_failures", "lost",
-            "errors", "ticks_skipped")
+            "errors", "ticks_skipped", "busy")
 
 
 class Child:
