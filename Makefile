@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 FLEET_STAMP := $(VENV)/.fleet-installed
 
-.PHONY: smoke test lint bench bench-server bench-client bench-scale venv clean
+.PHONY: smoke test check lint bench bench-server bench-client bench-scale venv clean
 .PHONY: monitor-install monitor-up monitor-down monitor-status report
 
 venv: $(STAMP)
@@ -26,6 +26,14 @@ smoke: $(STAMP)
 ## The test suite (what .ci/run calls).
 test: $(STAMP) $(FLEET_STAMP)
 	$(PY) -m pytest -q $(ARGS)
+
+## The fast tier (under a minute): lint and the pure tests (codec, session, ledger and
+## journal, schedule, settings), no servers or agents started.
+CHECK_TESTS := tests/test_protocol.py tests/test_session.py tests/test_journal.py \
+	tests/test_schedule.py tests/test_settings.py tests/test_process_model.py
+check: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -m "not processes and not slow and not fleet" $(CHECK_TESTS) $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

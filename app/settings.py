@@ -3,14 +3,22 @@
 Precedence, lowest first: the default here, the TOML config file (``--config``;
 table ``[server]``, ``[client]`` or ``[smoke]``), the environment
 (``HONGBAO_<NAME>``, e.g. ``HONGBAO_SETS=8``), then the command line.
-Every value passes its validator, whatever its source, so a typo fails at
-start-up with the setting's name and the reason — never later under load.
+An environment name means one thing: a setting of the same name but another
+meaning in another section has its own (``HONGBAO_SMOKE_QPS`` is the smoke
+run's peak, ``HONGBAO_QPS`` a client host's rate).
+
+Every value passes its validator, whatever its source, and then every
+section's cross-field checks (``CHECKS``: amount_min <= amount_max, ...), so
+a bad setting fails at start-up naming the settings and the reason — never
+later under load. The server hands its SETs the same resolved table
+(``to_json``/``from_json``), checked again on their side.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import os
 import tomllib
 from collections.abc import Callable, Sequence
@@ -27,6 +35,15 @@ def _address(value: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected HOST:PORT, got {value!r}")
     return host or "0.0.0.0", int(port)
+
+
+def _optional_address(value: str) -> str:
+    """Empty (off) or HOST:PORT with a host; kept as the string given."""
+    if value:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"expected HOST:PORT (or empty for none), got {value!r}")
+    return value
 
 
 def _port(value: str) -> int:
@@ -70,6 +87,22 @@ def _range(value: str) -> tuple[int, int]:
     return lo, hi
 
 
+def _int_list(value: str) -> tuple[int, ...]:
+    """Comma-separated whole numbers >= 0 ('' for none)."""
+    out = tuple(int(v) for v in str(value).split(",") if v.strip())
+    if any(n < 0 for n in out):
+        raise ValueError(f"expected numbers >= 0, got {value!r}")
+    return out
+
+
+def _bool(value: str) -> bool:
+    """yes/no, true/false, 1/0 (a bare flag means yes)."""
+    text = str(value).lower()
+    if text not in ("yes", "no", "true", "false", "1", "0"):
+        raise ValueError(f"expected yes or no, got {value!r}")
+    return text in ("yes", "true", "1")
+
+
 def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     return tuple(ipaddress.ip_network(v.strip()) for v in str(value).split(",") if v.strip())
 
@@ -96,6 +129,8 @@ class Setting:
     sections: tuple[str, ...]
     flag: str = ""
     metavar: str | None = None
+    env_name: str = ""  # when the name means something else in another section
+    secret: bool = False  # never on a child's command line
 
     @property
     def cli_flag(self) -> str:
@@ -103,10 +138,18 @@ class Setting:
 
     @property
     def env(self) -> str:
-        return "HONGBAO_" + self.name.upper()
+        """HONGBAO_<NAME>; a benchmark's own setting HONGBAO_<BENCH>_<NAME> (none clash then)."""
+        if self.env_name:
+            return self.env_name
+        (section, *more) = self.sections
+        prefix = BENCH_ENV.get(section, "HONGBAO_") if not more else "HONGBAO_"
+        return prefix + self.name.upper()
 
 
-S, C, M = ("server",), ("client",), ("smoke",)
+S, C, M, Z = ("server",), ("client",), ("smoke",), ("scale",)
+BS, BC = ("server_bench",), ("client_bench",)
+BENCH_ENV = {"scale": "HONGBAO_SCALE_", "server_bench": "HONGBAO_BENCH_SERVER_",
+             "client_bench": "HONGBAO_BENCH_CLIENT_"}
 
 SETTINGS: tuple[Setting, ...] = (
     # --- server
@@ -121,7 +164,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("journal_dir", str, "var/journal", "directory of the SET journals", S),
     Setting("login_timeout", _seconds, "10", "seconds a new connection has to LOGIN", S),
     Setting("durability", _choice("written", "fdatasync"), "written",
-            "answers wait for their journal write, or also its fdatasync (see README)", S),
+            "answers wait for their journal write, or also its fdatasync (see README)", S + BS),
     Setting("shake_budget", _positive, "100000", "server-wide SHAKEs per second before 17",
             S + M),
     Setting("amount_min", _positive, "1", "smallest shake envelope amount (cents)", S),
@@ -129,7 +172,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("group_amount_min", _positive, "3", "smallest group envelope total (cents)", S),
     Setting("group_amount_max", _positive, "3000", "largest group envelope total (cents)", S),
     Setting("claim_ttl", _seconds, "60", "seconds a group share stays claimable", S),
-    Setting("token", str, "", "token that authorises state changes (empty: none)", S + C),
+    Setting("liveness_timeout", _seconds, "20", "seconds a ready SET or client worker may stay "
+            "silent (no heartbeat answer, no report) before it is killed and restarted", S + C),
+    Setting("token", str, "", "token that authorises state changes (empty: none)", S + C,
+            secret=True),
     Setting(
         "allow", _networks, "127.0.0.0/8", "networks allowed to change state without token", S + C
     ),
@@ -145,20 +191,71 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("host_index", _non_negative, "0", "this host's index in the fleet", C),
     Setting("hosts", _positive, "1", "hosts in the fleet (for /qps?total=)", C),
     Setting("qps", _non_negative, "0", "this host's SHAKEs per second at start", C),
-    Setting("pacing", _choice("even", "burst"), "even", "spread each second or burst", C + M),
+    Setting("pacing", _choice("even", "burst"), "even", "spread each second or burst",
+            C + M + Z + BC),
     Setting("ticks", _positive, "100", "pacing ticks per second (same on every host)", C + M),
     Setting("processes", _non_negative, "0", "worker processes (0: as the fd limit needs)", C),
     Setting("connect_rate", _positive, "5000", "new connections per second, whole host", C + M),
     # --- smoke run (one machine: server + simulated client hosts)
-    Setting("connections", _positive, "20000", "connections over all simulated hosts", M),
-    Setting("hosts", _positive, "3", "simulated client hosts (127.1.0.1, 127.1.0.2, ...)", M),
-    Setting("qps", _positive, "10000", "peak SHAKEs per second; phases run 30% and 60%", M),
-    Setting("sets", _positive, "4", "server SET workers", M),
+    Setting("connections", _positive, "20000", "connections over all simulated hosts", M,
+            env_name="HONGBAO_SMOKE_CONNECTIONS"),
+    Setting("hosts", _positive, "3", "simulated client hosts (127.1.0.1, 127.1.0.2, ...)", M,
+            env_name="HONGBAO_SMOKE_HOSTS"),
+    Setting("qps", _positive, "10000", "peak SHAKEs per second; phases run 30% and 60%", M,
+            env_name="HONGBAO_SMOKE_QPS"),
+    Setting("sets", _positive, "4", "server SET workers (at least; more past 18,000 "
+            "connections a SET)", M, env_name="HONGBAO_SMOKE_SETS"),
     Setting("phase_seconds", _positive, "30", "seconds of each loaded phase", M),
     Setting("idle_seconds", _positive, "10", "seconds of the idle phase", M),
     Setting("run_dir", str, "runs", "directory that gets one run/<timestamp> per run", M),
+    # --- scale bench (python -m app.bench scale): one machine, many simulated hosts
+    Setting("connections", _positive, "1000000", "connections over all simulated hosts", Z),
+    Setting("hosts", _positive, "17", "simulated client hosts", Z),
+    Setting("phases", _int_list, "30000,60000",
+            "fleet-wide QPS of each phase, comma separated ('' for none)", Z),
+    Setting("hold", _non_negative, "60", "seconds to hold the connections before the phases",
+            Z),
+    Setting("phase_seconds", _positive, "60", "seconds of each phase", Z),
+    Setting("sets", _sets, "auto", "server SET workers, or 'auto' (descriptor limit)", Z),
+    Setting("connect_rate", _positive, "6000", "new connections per second over all hosts "
+            "(the server on this machine logs in ~7k/s; faster only queues logins)", Z),
+    Setting("connect_timeout", _positive, "900", "seconds for every connection to log in", Z),
+    Setting("mem_floor_mb", _positive, "1536",
+            "stop cleanly when MemAvailable falls below this (MiB)", Z),
+    Setting("client_nice", _non_negative, "10",
+            "nice value of the co-located client agents (0: none)", Z),
+    Setting("netns", _choice("auto", "yes", "no"), "auto",
+            "run inside a network namespace it creates (auto: when root)", Z),
+    # 20, not the agent's 100: measured (one agent, 12,000 users, 1,800/s), each tick costs a
+    # client worker ~0.3 ms of wake-ups, so 100 ticks cost 24-27 µs a request and 20 ticks
+    # 12.5-14.6 µs, with p99 still ~10 ms
+    Setting("ticks", _positive, "20", "pacing ticks per second, of the clients and of the "
+            "floor", Z),
+    Setting("ramp", _non_negative, "0", "after the phases, add this many SHAKEs/s a step "
+            "(each phase_seconds long) until a step fails; 0: no ramp", Z),
+    Setting("ramp_steps", _positive, "10", "at most this many ramp steps", Z),
+    Setting("floor", _choice("auto", "no"), "auto", "first run the same traffic through the C "
+            "floor (app/bench/floor.c; the syscall floor without a compiler)", Z),
+    Setting("floor_seconds", _non_negative, "0",
+            "seconds per floor phase (0: the phase length, at most 20)", Z),
+    Setting("run_dir", str, "", "this run's directory (default runs/scale-<UTC time>)", Z),
+    # --- server bench (python -m app.bench server): one SET against a gevent StreamServer
+    Setting("connections", _positive, "5000", "idle logged-in connections to hold", BS),
+    Setting("qps", _positive, "50000", "SHAKEs per second offered", BS),
+    Setting("seconds", _seconds, "10", "seconds of load", BS),
+    Setting("json", str, "", "also write the results to this file", BS),
+    # --- client bench (python -m app.bench.client): one agent against a real server
+    Setting("users", _positive, "19000", "users (connections) of the agent", BC),
+    Setting("qps", _int_list, "8000,15000", "rates to measure, comma separated", BC),
+    Setting("seconds", _seconds, "10", "length of each measuring window", BC),
+    Setting("sets", _positive, "4", "server SET workers", BC),
+    Setting("source", _addresses, "127.1.0.9,127.1.0.10", "the agent's source addresses", BC,
+            flag="--sources"),
+    Setting("connect_rate", _positive, "5000", "the agent's new connections per second", BC),
+    Setting("restart", _bool, "no", "also measure a server restart", BC),
     # --- shared
-    Setting("statsd", str, "", "HOST:PORT of statsd (empty: no metrics)", S + C + M),
+    Setting("statsd", _optional_address, "", "HOST:PORT of statsd (empty: no metrics)",
+            S + C + M),
     Setting("log_level", _choice("debug", "info", "warning", "error"), "info", "log level",
             S + C + M),
 )
@@ -171,6 +268,7 @@ class Config:
     section: str
     values: dict[str, Any] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
+    raw: dict[str, str] = field(default_factory=dict)  # each value as given, before its type
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -178,8 +276,15 @@ class Config:
         except KeyError:
             raise AttributeError(name) from None
 
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.values.get(name, default)
+
     def replace(self, **changes: Any) -> Config:
-        return Config(self.section, {**self.values, **changes}, dict(self.sources))
+        return Config(self.section, {**self.values, **changes}, dict(self.sources),
+                      {k: v for k, v in self.raw.items() if k not in changes})
 
 
 def settings_for(section: str) -> list[Setting]:
@@ -197,18 +302,21 @@ def add_arguments(parser: argparse.ArgumentParser, section: str) -> None:
     """Add one flag per setting (values stay raw strings until resolve)."""
     parser.add_argument("--config", help=f"TOML config file (table [{section}])")
     for s in settings_for(section):
+        flag = {"nargs": "?", "const": "yes"} if s.type is _bool else {}  # a bare --flag: yes
         parser.add_argument(
             s.cli_flag,
             dest=s.name,
             default=None,
             metavar=s.metavar or s.name.upper(),
             help=f"{s.help} (default: {s.default or 'empty'}; env {s.env})",
+            **flag,
         )
 
 
 def resolve(section: str, args: argparse.Namespace | None = None,
-            environ: dict[str, str] | None = None) -> Config:
-    """Merge defaults, config file, environment and flags; validate each."""
+            environ: dict[str, str] | None = None, given: dict[str, Any] | None = None,
+            given_source: str = "parent") -> Config:
+    """Merge defaults, config file, environment and flags (or ``given``); validate and check."""
     environ = os.environ if environ is None else environ
     file_values: dict[str, Any] = {}
     path = getattr(args, "config", None) if args else None
@@ -218,10 +326,11 @@ def resolve(section: str, args: argparse.Namespace | None = None,
                 file_values = tomllib.load(fh).get(section, {})
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise SettingError(f"config {path}: {exc}") from None
-        known = {s.name for s in settings_for(section)}
-        unknown = set(file_values) - known
+    known = {s.name for s in settings_for(section)}
+    for where, values in ((f"config {path}", file_values), (given_source, given or {})):
+        unknown = set(values) - known
         if unknown:
-            raise SettingError(f"config {path}: unknown [{section}] keys {sorted(unknown)}")
+            raise SettingError(f"{where}: unknown [{section}] keys {sorted(unknown)}")
     config = Config(section)
     for s in settings_for(section):
         raw, source = s.default, "default"
@@ -232,9 +341,86 @@ def resolve(section: str, args: argparse.Namespace | None = None,
         flag_value = getattr(args, s.name, None) if args else None
         if flag_value is not None:
             raw, source = flag_value, f"flag {s.cli_flag}"
+        if given and s.name in given:
+            raw, source = given[s.name], given_source
         config.values[s.name] = _convert(s, raw, source)
         config.sources[s.name] = source
+        config.raw[s.name] = str(raw)
+    check(config)
     return config
+
+
+def _named(config: Config, *names: str) -> str:
+    """``name (value, source)`` of each setting, for an error message."""
+    return ", ".join(f"{n} = {config.raw.get(n, config.values.get(n))!r} "
+                     f"({config.sources.get(n, 'computed')})" for n in names)
+
+
+def _check_amounts(config: Config) -> None:
+    if config.amount_min > config.amount_max:
+        raise SettingError(f"{_named(config, 'amount_min', 'amount_max')}: amount_min must not "
+                           "exceed amount_max (a shake envelope's amount is drawn from "
+                           "[amount_min, amount_max])")
+    if config.group_amount_min < 3:
+        raise SettingError(f"{_named(config, 'group_amount_min')}: must be >= 3 (a group "
+                           "envelope has 3 shares of at least 1 cent each)")
+    if config.group_amount_min > config.group_amount_max:
+        raise SettingError(f"{_named(config, 'group_amount_min', 'group_amount_max')}: "
+                           "group_amount_min must not exceed group_amount_max")
+
+
+def check_budget(config: Config, sets: int) -> None:
+    """The stated rule: every SET gets at least 1 SHAKE/s of the server-wide budget.
+
+    The budget splits over the SETs like a campaign (``app.shares.share``);
+    below the SET count some SETs would get 0 and answer every SHAKE with 17.
+    """
+    if config.shake_budget < sets:
+        raise SettingError(f"{_named(config, 'shake_budget')} is below the SET count {sets} "
+                           f"({_named(config, 'sets')}): every SET needs a budget of at least "
+                           "1 SHAKE/s; raise shake_budget or lower sets")
+
+
+def _check_server(config: Config) -> None:
+    _check_amounts(config)
+    if config.sets:  # 'auto' is checked once the supervisor has counted them
+        check_budget(config, config.sets)
+
+
+def _check_client(config: Config) -> None:
+    if config.host_index >= config.hosts:
+        raise SettingError(f"{_named(config, 'host_index', 'hosts')}: host_index must be "
+                           "below hosts (hosts are numbered 0..hosts-1)")
+
+
+def _check_scale(config: Config) -> None:
+    if config.hosts > config.connections:
+        raise SettingError(f"{_named(config, 'hosts', 'connections')}: every simulated host "
+                           "needs at least one connection")
+
+
+CHECKS: dict[str, Callable[[Config], None]] = {"server": _check_server,
+                                               "client": _check_client,
+                                               "scale": _check_scale}
+
+
+def check(config: Config) -> None:
+    """The section's cross-field checks; SettingError naming the settings and the reason."""
+    rule = CHECKS.get(config.section)
+    if rule is not None:
+        rule(config)
+
+
+def to_json(config: Config) -> str:
+    """Every setting of ``config`` as given, secrets left out, for a child's ``from_json``."""
+    secret = {s.name for s in settings_for(config.section) if s.secret}
+    return json.dumps({k: v for k, v in config.raw.items() if k not in secret},
+                      separators=(",", ":"))
+
+
+def from_json(section: str, text: str) -> Config:
+    """A parent's ``to_json``, resolved and checked again through this table."""
+    return resolve(section, None, environ={}, given=json.loads(text))
 
 
 def parse(section: str, argv: Sequence[str] | None = None, description: str = "",

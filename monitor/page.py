@@ -38,6 +38,7 @@ STYLE = """
  figure { margin: 1.2em 0 2em } img { max-width: 100%; display: block }
  figcaption, .note { color: #555 }
  code { background: #f4f4f4; padding: 0 .2em }
+ .wide { overflow-x: auto }
  .side { display: flex; flex-wrap: wrap; gap: 0 2em } .side h3 { margin-bottom: 0 }
 """
 
@@ -102,6 +103,7 @@ COST_COLUMNS: tuple[tuple[str, str | None, Any], ...] = (
     ("client CPU/req", "client_cpu_us_per_request", fmt.micros),  # scale bench
     ("server CPU/req", "server_cpu_us_per_request", fmt.micros),
     ("machine CPU", "machine_cpu_percent", lambda x: "-" if x is None else f"{x:.0f}%"),
+    ("CPU vs floor", "floor_ratio", lambda x: "-" if x is None else f"{x:.2f}×"),
     ("server RSS/conn", "server_bytes_per_connection", fmt.size),
     ("client RSS/conn", "client_bytes_per_connection", fmt.size),
     ("loop lag", "loop_lag_max_ms", fmt.ms),
@@ -134,7 +136,7 @@ def phase_table(rows: list[dict[str, Any]], table: tuple, table_id: str) -> str:
                    for h, key, _ in columns)
     body = "\n".join("<tr>" + "".join(phase_cell(r, key, show) for _, key, show in columns)
                      + "</tr>" for r in rows)
-    return f'<table id="{table_id}"><tr>{head}</tr>\n{body}\n</table>'
+    return f'<div class="wide"><table id="{table_id}"><tr>{head}</tr>\n{body}\n</table></div>'
 
 
 def ledger_block(summary: dict[str, Any]) -> str:
@@ -180,6 +182,17 @@ def settings_block(run: Run) -> str:
                  ("bytes per connection", f"server {fmt.size(bpc.get('server_user'))}, clients "
                                           f"{fmt.size(bpc.get('client_user'))}, kernel "
                                           f"{fmt.size(bpc.get('kernel_pair'))} a pair")]
+        ramp = s.get("ramp")
+        if ramp:
+            def rate(x: int | None) -> str:
+                return "none" if x is None else f"{fmt.count(x)} /s"
+
+            rows.append(("ramp", f"+{fmt.count(ramp.get('step'))} /s a step: highest passing "
+                                 f"{rate(ramp.get('highest_passing'))}, first failing "
+                                 f"{rate(ramp.get('first_failing'))}"))
+        floor = s.get("floor")
+        if floor:
+            rows.append(("floor (same traffic, same run)", esc(floor.get("kind"))))
     group = s.get("group")
     if group:
         rows.append(("group envelopes", ", ".join(f"{k} {fmt.count(v)}"

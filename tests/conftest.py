@@ -1,10 +1,23 @@
-"""Shared fixtures: a real server on loopback, stopped by PID even when a test fails."""
+"""Shared fixtures: a real server on loopback, stopped by PID even when a test fails.
+
+A test that uses a fixture starting processes is marked ``processes``, so the
+fast tier (``make check``) can leave it out with ``-m "not processes"``.
+"""
 
 from __future__ import annotations
 
 import pytest
 
 from tests.serverproc import Client, ServerProcess
+
+PROCESS_FIXTURES = {"start_server", "server", "clients", "start_agent", "agents", "guarded"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.processes)
+
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ class Row:
     faults: int = 0  # faults injected (kills, restarts, corruptions, dead daemons)
     bad_inputs: int = 0  # hostile connections/frames/requests tried
     survived: str = ""  # connections that survived, e.g. "200/200"
-    lost: int = 0  # requests of well-behaved clients left unanswered
+    lost: int | None = 0  # requests of well-behaved clients left unanswered (None: none ran)
     ledger_diff: int = 0  # |generated - granted - waiting - expired| (count + amount)
     figures: dict[str, object] = field(default_factory=dict)
 
@@ -54,7 +54,8 @@ def ledger_diff(ledger: dict) -> int:
 
 def render(rows: list[Row]) -> str:
     head = ("scenario", "faults", "bad inputs", "survived", "lost", "ledger diff")
-    body = [(r.scenario, str(r.faults), str(r.bad_inputs), r.survived or "-", str(r.lost),
+    body = [(r.scenario, str(r.faults), str(r.bad_inputs), r.survived or "-",
+             "-" if r.lost is None else str(r.lost),
              str(r.ledger_diff)) for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
 
@@ -64,7 +65,7 @@ def render(rows: list[Row]) -> str:
     out = [line(head), line(tuple("-" * w for w in widths))]
     out += [line(b) for b in body]
     total = (f"TOTAL: faults {sum(r.faults for r in rows)}, bad inputs "
-             f"{sum(r.bad_inputs for r in rows)}, lost {sum(r.lost for r in rows)}, "
+             f"{sum(r.bad_inputs for r in rows)}, lost {sum(r.lost or 0 for r in rows)}, "
              f"ledger diff {sum(r.ledger_diff for r in rows)}")
     out += [line(tuple("-" * w for w in widths)), total,
             "lost: requests of well-behaved clients never answered, outside a fault's own "
@@ -103,7 +104,7 @@ class AgentProcess:
     def __init__(self, log_path: Path, server_port: int, users: tuple[int, int],
                  qps: int = 0, source: str = "127.1.0.1", **flags: object) -> None:
         cmd = client_command(server_port, users, source.split(","), qps=qps,
-                             host_name="reliability", **flags)
+                             **{"host_name": "reliability", **flags})
         self.service = Service("agent", cmd, log_path, CLIENT_READY)
         self.log_path = log_path
         self.users = users[1] - users[0] + 1

@@ -105,7 +105,8 @@ def test_the_token_authorises_in_query_or_header(guarded):
     ("/yaohongbao?qps=10000001&sum=10", ["qps", "must be in"]),
     ("/yaohongbao?qps=1&sum=1099511627777", ["sum", "must be in"]),
     ("/fahongbao?qps=1&sum=1&max=9", ["missing", "min"]),
-    ("/fahongbao?qps=1&sum=1&min=0&max=9", ["min", "must be in"]),
+    ("/fahongbao?qps=1&sum=1&min=-1&max=9", ["min", "must be in"]),
+    ("/fahongbao?qps=1&sum=1&min=0&max=4", ["holds 5 users", "2 SETs need at least 6"]),
     ("/fahongbao?qps=1&sum=1&min=9&max=3", ["min (9) must not exceed max (3)"]),
     ("/fahongbao?qps=1&sum=1&min=1&max=4294967296", ["max", "must be in"]),
     ("/stats?seconds=301", ["seconds", "must be in"]),
@@ -119,6 +120,11 @@ def test_bad_parameters_get_400_with_a_reason(guarded, path, words):
     assert status == 400, body
     assert all(w in body["error"] for w in words), body
     assert campaigns(guarded) == before
+
+
+def test_a_group_campaign_may_start_at_user_0_as_the_prototype_script_does(guarded):
+    status, body = request(guarded, f"/fahongbao?qps=0&sum=0&min=0&max=9&token={TOKEN}")
+    assert status == 200 and body["ok"] and body["min"] == 0, body
 
 
 @pytest.mark.parametrize("method,path,body,headers,status,words", [

@@ -195,3 +195,30 @@ def test_the_client_bench_measures_and_cleans_up():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     (loaded,) = result["loaded"]
     assert loaded["sent_per_second"] == 300 and loaded["us_per_request"] > 0
+
+
+def test_a_restarted_worker_keeps_the_current_rate_until_a_scheduled_change(start_server,
+                                                                            agents):
+    """Issue 11 item 6: a future /qps change reaches a restarted worker as a future change."""
+    import os
+    import signal
+
+    server = start_server(sets=2)
+    agent = agents(server, (1, 1000), qps=100, processes=1)
+    agent.wait_connected(1000)
+    at = int(time.time()) + 10
+    assert agent.get(f"/qps?qps=300&at={at}")["from"] == at
+    victim = agent.get("/stats")["processes"][0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.time() + 20
+    while agent.get("/stats")["processes"][0]["pid"] in (victim, None):
+        assert time.time() < deadline, "worker not restarted"
+        time.sleep(0.1)
+    agent.wait_connected(1000)
+    back = int(time.time()) + 1  # the first whole second with every user back
+    sleep_until(at + 2.5)
+    rows = {r["second"]: r for r in agent.get(f"/stats?since={back}")["per_second"]}
+    before = [rows[t]["sent"] + rows[t]["skipped"] for t in range(back, at)]
+    assert before and set(before) == {100}, (back, at, before)
+    assert rows[at + 1]["sent"] + rows[at + 1]["skipped"] == 300
+    assert agent.get("/health")["restarts"] == 1

@@ -152,8 +152,9 @@ def test_login_with_4k_of_frames_in_one_write_survives_any_hand_off(start_server
             c.close()
     counters = server.stats()["counters"]
     assert answered == [frames] * 12
-    assert counters.get("handoff.received", 0) == counters.get("handoff.sent", 0)
+    # not vacuous: 12 users all accepted by their owner would be a chance of 4**-12
+    assert counters.get("handoff.received", 0) == counters.get("handoff.sent", 0) > 0
     assert counters.get("handoff.bad", 0) == 0
     record(Row("hostile: LOGIN + 4 KB of frames in one write, handed off",
-               bad_inputs=0, survived="12/12", lost=12 * frames - sum(answered),
+               bad_inputs=0, survived=f"{len(answered)}/12", lost=12 * frames - sum(answered),
                figures={"handoffs": counters.get("handoff.received", 0)}))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import pytest
 from app.metrics.statsd import Metrics
 from monitor import report
 from monitor.stack import Ports, Stack, StackError, fetch_series
+from tests.reliability import AgentProcess
 from tests.serverproc import ROOT, ServerProcess
 
 pytestmark = pytest.mark.monitor
@@ -119,39 +119,6 @@ def test_counters_from_several_processes_sum_exactly(stack):
         1000, 1001, 1002, 1003]
 
 
-class ClientProcess:
-    """``python -m app.client`` in its own process group, stopped by PID."""
-
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app.client", *args], cwd=ROOT, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, start_new_session=True, text=True)
-        line = self.proc.stdout.readline()
-        if "hongbao-client listening" not in line:
-            self.stop()
-            raise RuntimeError(f"client did not start: {line!r}")
-        self.control = line.split("control=")[1].split()[0]
-
-    def get(self, path: str) -> dict:
-        with urllib.request.urlopen(f"http://{self.control}{path}", timeout=10) as resp:
-            return json.load(resp)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # workers left behind
-        except ProcessLookupError:
-            pass
-        if self.proc.poll() is None:
-            self.proc.wait(5)
-        self.proc.stdout.close()
-
-
 def test_real_load_graphite_matches_server_counts_and_report_draws_it(stack, tmp_path):
     """Server + client agent under a short load: Graphite's sums equal the server's counts."""
     start = int(time.time()) - 1
@@ -162,11 +129,9 @@ def test_real_load_graphite_matches_server_counts_and_report_draws_it(stack, tmp
         server.start()
         server.get("/yaohongbao?qps=100&sum=300")  # 300 shake envelopes over 3 s
         server.get("/fahongbao?qps=10&sum=20&min=1&max=2000")  # 20 groups of 3 shares
-        client = ClientProcess(
-            "--server", f"127.0.0.1:{server.port}",
-            "--server-control", f"127.0.0.1:{server.control_port}",
-            "--users", "1-2000", "--qps", "1000", "--control", "127.0.0.1:0",
-            "--host-name", "e2e", "--statsd", stack.statsd_address)
+        client = AgentProcess(tmp_path / "agent.log", server.port, (1, 2000), qps=1000,
+                              server_control=f"127.0.0.1:{server.control_port}",
+                              host_name="e2e", statsd=stack.statsd_address).start()
         time.sleep(6)
         client.get("/qps?qps=0")
         time.sleep(2.5)  # the last answers and claims arrive; the agent closes its seconds

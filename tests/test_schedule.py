@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.client.histogram import Histogram, bounds, bucket
-from app.client.schedule import clip, second_count, share, split, tick_span
+from app.client.schedule import Timeline, clip, second_count, share, split, tick_span
 
 T0 = 1_795_000_000  # a wall-clock second of today's size: the arithmetic must not care
 
@@ -116,3 +116,20 @@ def test_histogram_percentiles_and_merge():
     assert abs(other.percentile(50) - 0.5) < 0.5 * 0.07
     assert abs(other.percentile(99) - 0.99) < 0.99 * 0.07
     assert Histogram().percentile(50) is None
+
+
+@given(st.lists(st.tuples(st.integers(0, 50), st.integers(0, 1000)), max_size=12),
+       st.integers(0, 60))
+def test_timeline_in_effect_is_the_latest_change_due_last_added_on_a_tie(changes, tick):
+    timeline = Timeline(changes)
+    due = [(t, i, q) for i, (t, q) in enumerate(changes) if t <= tick]
+    assert timeline.at(tick) == (max(due)[2] if due else 0)
+    assert timeline.pending(tick) == any(t > tick for t, _ in changes)
+
+
+@given(st.lists(st.tuples(st.integers(0, 50), st.integers(0, 1000)), max_size=12),
+       st.integers(0, 50))
+def test_a_timeline_restarted_from_upcoming_agrees_from_then_on(changes, now):
+    whole = Timeline(changes)
+    restarted = Timeline(whole.upcoming(now))
+    assert [restarted.at(t) for t in range(now, 60)] == [whole.at(t) for t in range(now, 60)]

@@ -37,7 +37,8 @@ def test_handoff_lands_every_user_on_its_owner_set(server, clients):
     counters = server.stats()["counters"]
     # Every user not accepted by its owner travelled through an inbox, and none was lost.
     assert counters["logins"] == 60
-    assert counters.get("handoff.sent", 0) == counters.get("handoff.received", 0)
+    # not vacuous: 60 users all accepted by their owner would be a chance of 4**-60
+    assert counters.get("handoff.sent", 0) == counters.get("handoff.received", 0) > 0
     assert counters.get("handoff.failed", 0) == 0
 
 

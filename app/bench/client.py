@@ -16,7 +16,6 @@ Everything it starts is stopped by PID on the way out.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from typing import Any
 
 import psutil
 
+from app import settings
 from app.client.histogram import Histogram
 from app.local.runner import (
     CLIENT_READY,
@@ -56,7 +56,7 @@ def cpu(procs: list[psutil.Process]) -> tuple[float, float]:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+    def __init__(self, args: settings.Config, work: Path) -> None:
         self.args = args
         self.work = work
         self.server: Service | None = None
@@ -71,7 +71,7 @@ class Bench:
 
     def start_agent(self) -> str:
         a = self.args
-        cmd = client_command(self.port, (1, a.users), a.sources.split(","), qps=0,
+        cmd = client_command(self.port, (1, a.users), a.source, qps=0,
                              connect_rate=a.connect_rate, pacing=a.pacing)
         self.agent = Service("agent", cmd, self.work / "agent.log", CLIENT_READY)
         match = self.agent.start()
@@ -156,17 +156,7 @@ class Bench:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m app.bench.client``: print the agent's measured costs as lines and JSON."""
-    parser = argparse.ArgumentParser(prog="hongbao-client-bench", description=__doc__)
-    parser.add_argument("--users", type=int, default=19_000)
-    parser.add_argument("--qps", type=lambda v: [int(x) for x in v.split(",")],
-                        default=[8_000, 15_000], help="comma-separated rates to measure")
-    parser.add_argument("--seconds", type=float, default=10.0, help="length of each window")
-    parser.add_argument("--sets", type=int, default=4)
-    parser.add_argument("--sources", default="127.1.0.9,127.1.0.10")
-    parser.add_argument("--connect-rate", type=int, default=5000)
-    parser.add_argument("--pacing", default="even", choices=("even", "burst"))
-    parser.add_argument("--restart", action="store_true", help="also measure a server restart")
-    args = parser.parse_args(argv)
+    args = settings.parse("client_bench", argv, description=__doc__.splitlines()[0])
     work = Path(tempfile.mkdtemp(prefix="hongbao-client-bench-"))
     bench = Bench(args, work)
     try:

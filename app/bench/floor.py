@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -33,7 +34,7 @@ import psutil
 from app.bench import cpu
 from app.client.agent import PER_PROCESS
 from app.client.histogram import Histogram
-from app.local.procs import stop_group
+from app.local.runner import Service, stop_services
 from app.local.summary import REQUIRED, TOLERANCE
 
 log = logging.getLogger("hongbao.floor")
@@ -56,6 +57,17 @@ def compile_floor(out_dir: Path) -> Path | None:
         log.warning("floor.c did not compile (%s): %s", cc, done.stderr.strip()[-500:])
         return None
     return binary
+
+
+def processes(services: list[Service]) -> list[psutil.Process]:
+    """The live processes of ``services``, for CPU figures."""
+    out = []
+    for service in services:
+        try:
+            out.append(psutil.Process(service.pid))
+        except psutil.NoSuchProcess:
+            pass
+    return out
 
 
 def free_port() -> int:
@@ -89,25 +101,22 @@ class FloorRun:
                  ticks: int) -> None:
         self.binary, self.dir = binary, run_dir
         self.connections, self.hosts, self.ticks = connections, hosts, ticks
-        self.servers: list[psutil.Popen] = []
-        self.clients: list[psutil.Popen] = []
+        self.servers: list[Service] = []
+        self.clients: list[Service] = []
         self.figures: dict[str, Any] = {}
 
-    def _spawn(self, args: list[str], log_name: str) -> psutil.Popen:
-        with open(self.dir / log_name, "w") as err:
-            return psutil.Popen([str(self.binary), *args], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=err, text=True,
-                                start_new_session=True)
+    def _service(self, name: str, args: list[str], ready: str) -> Service:
+        return Service(name, [str(self.binary), *args], self.dir / f"{name}.log",
+                       re.compile(ready), stdin=True)
 
     def start(self, connect_timeout: float) -> None:
         port = free_port()
         n_servers = max(1, math.ceil(self.connections / SERVER_CONNECTIONS))
         for k in range(n_servers):
-            proc = self._spawn(["server", str(port), str(self.dir / f"server{k}.txt")],
-                               f"server{k}.log")
-            self.servers.append(proc)
-            if proc.stdout.readline().strip() != "listening":
-                raise RuntimeError(f"floor server {k} did not start (see {self.dir})")
+            server = self._service(f"server{k}", ["server", str(port),
+                                                  str(self.dir / f"server{k}.txt")], "^listening")
+            self.servers.append(server)
+            server.start(timeout=30)
         layout = client_layout(self.connections, self.hosts)
         rate = max(1, CONNECT_RATE // len(layout))
         started = time.time()
@@ -116,17 +125,14 @@ class FloorRun:
             # 127.200+ never meets the scale run's 127.1+ sources
             sources = ",".join(f"127.{200 + g // 250}.{g % 250}.{i + 1}"
                                for i in range(addresses))
-            self.clients.append(self._spawn(
-                ["client", str(port), sources, str(first), str(n), str(self.ticks), str(rate),
-                 str(len(layout)), str(g), str(self.dir / f"client{g}.jsonl")],
-                f"client{g}.log"))
-        for g, proc in enumerate(self.clients):
-            # readline blocks; the clients' own 900 s login limit bounds it
-            line = proc.stdout.readline().strip()
-            if not line.startswith("ready"):
-                raise RuntimeError(f"floor client {g} did not log in (see {self.dir})")
-            if time.time() - started > connect_timeout:
-                raise RuntimeError(f"floor clients took over {connect_timeout} s to log in")
+            client = self._service(
+                f"client{g}", ["client", str(port), sources, str(first), str(n), str(self.ticks),
+                               str(rate), str(len(layout)), str(g),
+                               str(self.dir / f"client{g}.jsonl")], "^ready")
+            self.clients.append(client)
+            client.launch()
+        for client in self.clients:  # every one logged in within connect_timeout, all told
+            client.wait_ready(max(0.0, started + connect_timeout - time.time()))
         self.figures["login_seconds"] = round(time.time() - started, 1)
         self.figures["processes"] = {"servers": len(self.servers), "clients": len(self.clients)}
 
@@ -134,9 +140,8 @@ class FloorRun:
         """Run every phase; return ``(qps, first second, end second)`` of each."""
         start = int(time.time()) + 2
         plan = " ".join(f"{q} {seconds}" for q in phases)
-        for proc in self.clients:
-            proc.stdin.write(f"{start} {plan}\n")
-            proc.stdin.flush()
+        for client in self.clients:
+            client.send_line(f"{start} {plan}")
         spans, at = [], start
         for q in phases:
             spans.append((q, at, at + seconds))
@@ -145,15 +150,14 @@ class FloorRun:
         for q, first, end in spans:  # CPU over each phase from its second second to its end
             for when in (first + 1, end):
                 time.sleep(max(0.0, when - time.time()))
-                marks[when] = cpu.mark(self.servers, self.clients)
+                marks[when] = cpu.mark(processes(self.servers), processes(self.clients))
             self.figures.setdefault("cpu", {})[q] = (marks[first + 1], marks[end])
-        for proc in self.clients:
-            proc.wait(timeout=60)
+        for client in self.clients:
+            client.proc.wait(timeout=60)
         return spans
 
     def stop(self) -> None:
-        for proc in [*self.clients, *self.servers]:
-            stop_group(proc, timeout=10, name="floor")
+        stop_services([*self.clients, *self.servers])
 
     def summarise(self, spans: list[tuple[int, int, int]]) -> list[dict[str, Any]]:
         arrival: dict[int, int] = {}

@@ -42,6 +42,7 @@ from typing import Any
 
 import psutil
 
+from app import settings
 from app.bench import cpu, floor
 from app.bench.cpu import rss_bytes, tree
 from app.client.histogram import Histogram
@@ -109,7 +110,7 @@ def tcp_memory() -> tuple[int, int]:
 class ScaleRun:
     """One run: its processes, what it measured, and why it stopped."""
 
-    def __init__(self, args: argparse.Namespace, run_dir: Path) -> None:
+    def __init__(self, args: settings.Config, run_dir: Path) -> None:
         self.args = args
         self.run_dir = run_dir
         self.fleet = LocalFleet(run_dir, log_level="warning")
@@ -395,7 +396,7 @@ class ScaleRun:
         return cpu.costs(start, end, sum(r["client_answered"] for r in window))
 
 
-def run_floor(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+def run_floor(args: settings.Config, out_dir: Path) -> dict[str, Any]:
     """The same connections and phases through the C floor, before hongbao starts."""
     seconds = args.floor_seconds or min(args.phase_seconds, 20)
     log.info("floor: %d connections, phases %s, %d s each", args.connections, args.phases,
@@ -518,12 +519,12 @@ def print_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def inner(args: argparse.Namespace) -> int:
+def inner(args: settings.Config) -> int:
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     run = ScaleRun(args, run_dir)
     result: dict[str, Any] = {"target_connections": args.connections, "hosts": args.hosts,
-                              "phases_planned": args.phases, "run_dir": str(run_dir),
+                              "phases_planned": list(args.phases), "run_dir": str(run_dir),
                               "netns": args.netns_name}
 
     def terminate(signum: int, _frame: Any) -> None:
@@ -583,51 +584,16 @@ def inner(args: argparse.Namespace) -> int:
     return code
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="hongbao-bench scale",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--connections", type=int, default=1_000_000)
-    parser.add_argument("--hosts", type=int, default=17)
-    parser.add_argument("--phases", default="30000,60000",
-                        help="fleet-wide QPS of each phase, comma separated ('' for none)")
-    parser.add_argument("--hold", type=int, default=60, help="seconds to hold before the phases")
-    parser.add_argument("--phase-seconds", type=int, default=60)
-    parser.add_argument("--sets", type=int, default=0, help="0: auto (descriptor limit)")
-    parser.add_argument("--pacing", choices=("even", "burst"), default="even")
-    parser.add_argument("--connect-rate", type=int, default=6_000,
-                        help="new connections per second over all hosts (the server on "
-                             "this machine logs in ~7k/s; faster only queues logins)")
-    parser.add_argument("--connect-timeout", type=int, default=900)
-    parser.add_argument("--mem-floor-mb", type=int, default=1536,
-                        help="stop cleanly when MemAvailable falls below this")
-    parser.add_argument("--client-nice", type=int, default=10,
-                        help="nice value of the co-located client agents (0: none)")
-    parser.add_argument("--netns", choices=("auto", "yes", "no"), default="auto")
-    parser.add_argument("--ramp", type=int, default=0,
-                        help="after the phases, add this many SHAKEs/s a step (each "
-                             "--phase-seconds long) until a step fails; 0: no ramp")
-    parser.add_argument("--ramp-steps", type=int, default=10, help="at most this many steps")
-    parser.add_argument("--floor", choices=("auto", "no"), default="auto",
-                        help="first run the same traffic through the C floor (app/bench/floor.c; "
-                             "the syscall floor without a compiler)")
-    parser.add_argument("--floor-seconds", type=int, default=0,
-                        help="seconds per floor phase (0: the phase length, at most 20)")
-    # 20, not the agent's 100: measured (one agent, 12,000 users, 1,800/s), each tick costs a
-    # client worker ~0.3 ms of wake-ups, so 100 ticks cost 24-27 µs a request and 20 ticks
-    # 12.5-14.6 µs, with p99 still ~10 ms
-    parser.add_argument("--ticks", type=int, default=int(os.environ.get("HONGBAO_TICKS", "20")),
-                        help="pacing ticks per second, of the clients and of the floor "
-                             "(default HONGBAO_TICKS or 20)")
-    parser.add_argument("--run-dir", default="")
-    parser.add_argument("--netns-name", default="", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    args.phases = [int(q) for q in args.phases.split(",") if q.strip()]
-    for name in ("connections", "hosts", "phase_seconds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if not args.run_dir:
-        args.run_dir = str(ROOT / "runs" / time.strftime("scale-%Y%m%d-%H%M%S", time.gmtime()))
-    return args
+def parse(argv: list[str] | None) -> settings.Config:
+    """The [scale] section of the settings table (flags, TOML, HONGBAO_SCALE_* ...)."""
+    def hidden(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--netns-name", default="", help=argparse.SUPPRESS)
+
+    config = settings.parse("scale", argv, description=__doc__.splitlines()[0], extra=hidden)
+    if not config.run_dir:
+        run_dir = ROOT / "runs" / time.strftime("scale-%Y%m%d-%H%M%S", time.gmtime())
+        config = config.replace(run_dir=str(run_dir))
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,6 @@ absolute figures do not.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import psutil
 
+from app import settings
 from app.local.runner import SERVER_READY, Service, get_json, server_command
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +56,7 @@ def cpu(pids: list[int]) -> tuple[float, float]:
     return user, system
 
 
-def measure(port: int, pids: list[int], args: argparse.Namespace, work: Path) -> dict:
+def measure(port: int, pids: list[int], args: settings.Config, work: Path) -> dict:
     """Connect the load process, measure idle bytes per connection, then CPU per shake."""
     time.sleep(0.5)
     rss_empty = rss(pids)
@@ -94,7 +94,7 @@ def measure(port: int, pids: list[int], args: argparse.Namespace, work: Path) ->
     }
 
 
-def bench_server(args: argparse.Namespace) -> dict:
+def bench_server(args: settings.Config) -> dict:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "app.server", "--host", "127.0.0.1", "--port", "0",
@@ -156,7 +156,7 @@ def syscall_floor(pairs: int = 500, rounds: int = 40) -> dict:
     return {"cpu_us_per_shake": round(spent / (pairs * rounds) * 1e6, 2)}
 
 
-def print_table(results: dict, args: argparse.Namespace) -> None:
+def print_table(results: dict, args: settings.Config) -> None:
     names = list(results)
     rows = ["connections", "bytes_per_connection", "cpu_us_per_shake", "user_us_per_shake",
             "system_us_per_shake", "load_us_per_shake", "answered_per_s",
@@ -181,23 +181,16 @@ def print_table(results: dict, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hongbao-bench", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    srv = sub.add_parser("server", help="one SET vs a plain gevent StreamServer")
-    srv.add_argument("--connections", type=int, default=5000)
-    srv.add_argument("--qps", type=int, default=50000)
-    srv.add_argument("--seconds", type=float, default=10.0)
-    srv.add_argument("--json", help="also write the results to this file")
-    srv.add_argument("--durability", choices=("written", "fdatasync"), default="written",
-                     help="the SET's journal durability mode (README: Envelopes and the ledger)")
-    sub.add_parser("scale", help="the full-size run: see 'scale --help' (app.bench.scale)",
-                   add_help=False)
+    """``python -m app.bench server|scale ...`` (settings: tables [server_bench], [scale])."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["scale"]:
         from app.bench import scale as bench_scale
 
         return bench_scale.main(argv[1:])
-    args = parser.parse_args(argv)
+    if argv[:1] != ["server"]:
+        sys.stderr.write("usage: python -m app.bench {server,scale} [--help | settings ...]\n")
+        return 2
+    args = settings.parse("server_bench", argv[1:], description=__doc__.splitlines()[0])
     results = bench_server(args)
     print_table(results, args)
     if args.json:

@@ -7,13 +7,16 @@ Run: ``python -m app.client --server 127.0.0.1:1025 --users 1-60000
 ``hongbao-client listening control=HOST:PORT processes=P users=A-B
 connections=N``, then logs on stderr only.
 
-The agent is a small master (gunicorn-style): it splits the host's users over
-as many worker processes (``app.client.worker``) as the descriptor limit
-needs (at most ``PER_PROCESS`` connections each), restarts a worker that
-dies (with backoff; a worker that cannot boot halts the agent), forwards QPS
-changes to every worker stamped with the absolute tick they take effect at,
-and merges the workers' per-second records into host-wide seconds served by
-``/stats`` and flushed to statsd (``hongbao.client.<host>.*``).
+The agent is an ``app.arbiter.Arbiter`` (the process model the server's
+supervisor shares): it splits the host's users over as many worker processes
+(``app.client.worker``) as the descriptor limit needs (at most
+``PER_PROCESS`` connections each), restarts a worker that dies or stops
+reporting (the same backoff and liveness rule as a SET; a worker that cannot
+boot halts the agent with exit 3), forwards QPS changes to every worker
+stamped with the absolute tick they take effect at, and merges the workers'
+per-second records into host-wide seconds served by ``/stats`` and flushed
+to statsd (``hongbao.client.<host>.*``). ``/health`` and ``/stats`` report
+the restarts.
 
 The load rule lives in ``app.client.schedule``: in second t this host sends
 exactly its share q, users chosen by the rotating window ``t*q mod n``.
@@ -40,11 +43,11 @@ from gevent import subprocess
 from gevent.event import AsyncResult, Event
 
 from app import settings
+from app.arbiter import EXIT_BOOT_ERROR, Arbiter, Slot
 from app.client.api import build_api
 from app.client.clock import clock_offset
 from app.client.histogram import Histogram
-from app.client.schedule import split
-from app.client.worker import EXIT_CANNOT_BOOT
+from app.client.schedule import Timeline, split
 from app.httpapi import serve
 from app.metrics import system as sysmetrics
 from app.metrics.statsd import Metrics
@@ -55,22 +58,19 @@ PER_PROCESS = 19_000  # connections per worker: the 20,000 hard fd limit minus h
 HISTORY = 900  # seconds of per-second records kept for /stats
 CHANGE_LEAD_TICKS = 2  # an immediate /qps applies this many ticks ahead, so every worker has it
 CLOCK_INTERVAL = 10.0  # seconds between clock-offset measurements
-RESTART_BACKOFF_CAP = 30.0  # seconds between restarts of a worker that keeps dying
 STOP_TIMEOUT = 3.0  # seconds a worker has to exit after "stop" before it is killed
 COUNTERS = ("sent", "skipped", "answered", "claims_sent", "claims_granted", "claim_amount",
             "shake_amount", "logins", "reconnects", "connects", "connect_failures", "lost",
             "errors", "ticks_skipped", "busy")
 
 
-class Child:
+class Child(Slot):
     """The master's record of one worker process (stable ``index`` across restarts)."""
 
     def __init__(self, index: int, begin: int, end: int) -> None:
-        self.index = index
+        super().__init__(index, f"worker p{index}")
         self.begin = begin
         self.end = end
-        self.proc: subprocess.Popen | None = None
-        self.restarts = 0
         self.last: dict[str, Any] = {}
         self.latency: dict[str, float | None] = {}
         self.coverage: AsyncResult | None = None
@@ -98,7 +98,7 @@ class Second:
         self.reported.add(record["p"])
 
 
-class Agent:
+class Agent(Arbiter[Child]):
     """Workers, the qps timeline, merged seconds, metrics and the clock offset of one host."""
 
     def __init__(self, config: settings.Config) -> None:
@@ -112,11 +112,12 @@ class Agent:
         per_process = max(1, min(PER_PROCESS, hard - 1000))
         processes = max(config.processes, math.ceil(self.n / per_process), 1)
         self.children = [Child(i, a, b) for i, (a, b) in enumerate(split(self.n, processes))]
+        super().__init__(self.children, config.liveness_timeout, STOP_TIMEOUT)
         self.hosts = config.hosts
         self.host_index = config.host_index
         self.host = config.host_name or socket.gethostname().split(".")[0]
         self.qps = config.qps
-        self.changes: list[tuple[int, int]] = [(0, config.qps)]  # (from tick, host qps)
+        self.timeline = Timeline([(0, config.qps)])  # host QPS by the tick it applies from
         self.seconds: dict[int, Second] = {}  # waiting for every worker's record
         self.finished: dict[int, Second] = {}  # in history; a late record still merges in
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
@@ -128,58 +129,58 @@ class Agent:
         self.metrics = Metrics(f"hongbao.client.{sysmetrics.sanitize(self.host)}", config.statsd)
         self.net: Metrics | None = None
         self.quit = Event()  # set by signals and halt(); main() then calls stop()
-        self.stopped = Event()
         self.failed = ""
 
     # --- workers ----------------------------------------------------------------
     def spec(self, child: Child) -> dict[str, Any]:
         c = self.config
+        now_tick = int(time.time() * c.ticks)
         return {"index": child.index, "first": self.first, "n": self.n, "begin": child.begin,
                 "end": child.end, "server": list(c.server), "sources": list(c.source),
-                "ticks": c.ticks, "pacing": c.pacing, "qps": self.qps,
+                "ticks": c.ticks, "pacing": c.pacing,
+                "changes": self.timeline.upcoming(now_tick),
                 "connect_rate": c.connect_rate / len(self.children), "log_level": c.log_level}
 
-    def spawn_worker(self, child: Child) -> None:
+    def spawn(self, child: Child) -> subprocess.Popen:
         child.last, child.latency = {}, {}  # a restarted worker starts with no connections
-        child.proc = subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "app.client.worker", json.dumps(self.spec(child))],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        gevent.spawn(self.watch_worker, child, child.proc).name = f"watch-p{child.index}"
-        log.info("worker p%d pid %d holds users %d-%d", child.index, child.proc.pid,
+        gevent.spawn(self.read_reports, child, proc).name = f"reports-p{child.index}"
+        log.info("worker p%d pid %d holds users %d-%d", child.index, proc.pid,
                  self.first + child.begin, self.first + child.end - 1)
+        return proc
 
-    def watch_worker(self, child: Child, proc: subprocess.Popen) -> None:
-        """Read the worker's per-second lines until it exits, then restart or halt."""
+    def read_reports(self, child: Child, proc: subprocess.Popen) -> None:
+        """Read the worker's per-second lines until it exits: each is a sign of life."""
         for line in proc.stdout:
             try:
                 record = json.loads(line)
             except ValueError:
                 log.warning("p%d: unreadable line %r", child.index, line[:80])
                 continue
+            if child.proc is proc:
+                self.seen(child)
+                child.ready.set()
             self.receive(child, record)
-        code = proc.wait()
-        if self.stopped.is_set():
-            return
-        if code == EXIT_CANNOT_BOOT:
-            self.halt(f"worker p{child.index} cannot boot (exit {code})")
-            return
-        reason = "killed by SIGKILL, perhaps out of memory" if code == -9 else f"exit {code}"
-        child.restarts += 1
-        delay = min(RESTART_BACKOFF_CAP, 2.0 ** (child.restarts - 1))
-        log.error("worker p%d died (%s); restarting in %.0fs", child.index, reason, delay)
-        gevent.sleep(delay)
-        if not self.stopped.is_set():
-            self.spawn_worker(child)
+
+    def on_boot_error(self, child: Child, code: int) -> None:
+        self.halt(f"worker p{child.index} cannot boot (exit {code})")
+
+    def request_stop(self, child: Child) -> None:
+        self.tell_one(child, {"stop": True})
+
+    def tell_one(self, child: Child, message: dict[str, Any]) -> None:
+        if child.running():
+            try:
+                child.proc.stdin.write((json.dumps(message) + "\n").encode())
+                child.proc.stdin.flush()
+            except OSError:
+                pass  # it is dying; the arbiter restarts it
 
     def tell(self, message: dict[str, Any]) -> None:
-        line = (json.dumps(message) + "\n").encode()
         for child in self.children:
-            if child.proc is not None and child.proc.poll() is None:
-                try:
-                    child.proc.stdin.write(line)
-                    child.proc.stdin.flush()
-                except OSError:
-                    pass  # it is dying; its watcher restarts it
+            self.tell_one(child, message)
 
     def set_qps(self, qps: int, at_second: int | None = None) -> dict[str, Any]:
         """Change this host's QPS from ``at_second`` (or from two ticks ahead)."""
@@ -187,15 +188,14 @@ class Agent:
         soonest = int(time.time() * ticks) + CHANGE_LEAD_TICKS
         tick = soonest if at_second is None else max(soonest, at_second * ticks)
         previous, self.qps = self.qps, qps
-        self.changes.append((tick, qps))
+        self.timeline.add(tick, qps)
         self.tell({"qps": qps, "tick": tick})
         log.info("qps %d -> %d from %.2f", previous, qps, tick / ticks)
         return {"qps": qps, "previous": previous, "from": tick / ticks, "tick": tick}
 
     def target(self, second: int) -> int:
         """The host QPS in effect at the start of ``second``."""
-        tick = second * self.config.ticks
-        return next((q for t, q in reversed(self.changes) if t <= tick), 0)
+        return self.timeline.at(second * self.config.ticks)
 
     # --- per-second merge ---------------------------------------------------------
     def coverage(self, timeout: float = 5.0) -> dict[str, Any]:
@@ -224,7 +224,7 @@ class Agent:
             late.entry.update(self.entry(late))
             return
         self.seconds.setdefault(t, Second(t)).add(record)
-        live = {c.index for c in self.children if c.proc is not None and c.proc.poll() is None}
+        live = {c.index for c in self.children if c.running()}
         for s in sorted(self.seconds):
             sec = self.seconds[s]
             if live <= sec.reported or s <= t - 2:  # complete, or a dead/late worker's gap
@@ -258,6 +258,7 @@ class Agent:
         m = self.metrics
         for child in self.children:
             m.gauge(f"p{child.index}.connections", child.last.get("connections", 0))
+            m.gauge(f"p{child.index}.restarts", child.restarts)
             for p in ("p50", "p99"):
                 if child.latency.get(p) is not None:
                     m.gauge(f"p{child.index}.latency_{p}_ms", child.latency[p])
@@ -318,12 +319,12 @@ class Agent:
         if not raw:
             return
         address = settings._address(raw)
-        while not self.stopped.is_set():
+        while not self.stopping.is_set():
             try:
                 self.offset, self.rtt = clock_offset(address)
             except (OSError, ValueError, KeyError) as exc:
                 log.debug("clock offset from %s failed: %s", raw, exc)
-            self.stopped.wait(CLOCK_INTERVAL)
+            self.stopping.wait(CLOCK_INTERVAL)
 
     def check_sources(self) -> None:
         """Warn when a source address must carry more than half the ephemeral ports.
@@ -344,10 +345,9 @@ class Agent:
                         "range %d-%d: connecting will crawl; add --source addresses",
                         per_source, low, high)
 
-    def start(self) -> tuple[str, int]:
+    def start(self) -> tuple[str, int]:  # type: ignore[override]
         self.check_sources()
-        for child in self.children:
-            self.spawn_worker(child)
+        super().start()
         self.metrics.start()
         if self.config.statsd:  # packets and bytes per interface, once per host
             self.net = Metrics(f"hongbao.net.{sysmetrics.sanitize(self.host)}",
@@ -366,20 +366,9 @@ class Agent:
 
     def stop(self) -> None:
         """Tell every worker to stop, wait a bounded time, then kill the rest by PID."""
-        if self.stopped.is_set():
+        if self.stopping.is_set():
             return
-        self.stopped.set()
-        self.tell({"stop": True})
-        deadline = time.time() + STOP_TIMEOUT
-        for child in self.children:
-            proc = child.proc
-            if proc is None:
-                continue
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        super().stop()
         if getattr(self, "http", None) is not None:
             self.http.stop(timeout=1)
         self.metrics.stop()
@@ -400,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
           f"users={agent.first}-{agent.first + agent.n - 1} connections={agent.n}", flush=True)
     agent.quit.wait()
     agent.stop()
-    sys.exit(1 if agent.failed else 0)
+    sys.exit(EXIT_BOOT_ERROR if agent.failed else 0)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ address):
 - ``GET /coverage`` — how evenly users were asked: users never asked, the
   fewest and most asks per user, the oldest last-asked second (O(users):
   for checks, not for polling under load).
-- ``GET /health`` — liveness and the agent's clock.
+- ``GET /health`` — liveness, connections, workers and their restarts, the
+  agent's clock.
 """
 
 from __future__ import annotations

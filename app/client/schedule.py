@@ -22,14 +22,48 @@ the cost of a tick is O(requests), never O(connections).
 
 from __future__ import annotations
 
-PACINGS = ("even", "burst")
+import bisect
+from collections.abc import Iterable
+
+from app.shares import share
+
+__all__ = ["Timeline", "clip", "second_count", "share", "split", "tick_span"]
+
+LATEST = float("inf")  # sorts after every insertion number: bisect to the last change of a tick
 
 
-def share(total: int, hosts: int, index: int) -> int:
-    """Host ``index``'s part of a fleet-wide ``total``: the remainder goes to the first hosts."""
-    if hosts < 1 or not 0 <= index < hosts:
-        raise ValueError(f"host index {index} outside a fleet of {hosts}")
-    return total // hosts + (1 if index < total % hosts else 0)
+class Timeline:
+    """A host's QPS changes by the tick they apply from: the latest change due wins.
+
+    Changes may be added out of order (a /qps for an earlier second after one
+    for a later second). The QPS in effect at tick ``k`` is that of the change
+    with the greatest tick <= ``k``; of two changes for the same tick, the one
+    added last. The agent keeps the whole timeline (``target`` of a past
+    second); a (re)started worker gets ``upcoming`` and applies each change at
+    its own tick, never a future one at once.
+    """
+
+    def __init__(self, changes: Iterable[tuple[int, int]] = ()) -> None:
+        self.changes: list[tuple[int, float, int]] = []  # (tick, insertion number, qps)
+        for tick, qps in changes:
+            self.add(tick, qps)
+
+    def add(self, tick: int, qps: int) -> None:
+        bisect.insort(self.changes, (tick, len(self.changes), qps))
+
+    def at(self, tick: int) -> int:
+        """The QPS in effect at ``tick`` (0 before the first change)."""
+        i = bisect.bisect_right(self.changes, (tick, LATEST))
+        return self.changes[i - 1][2] if i else 0
+
+    def pending(self, tick: int) -> bool:
+        """Is a change due after ``tick``?"""
+        return bool(self.changes) and self.changes[-1][0] > tick
+
+    def upcoming(self, tick: int) -> list[tuple[int, int]]:
+        """The change in effect at ``tick`` (as from ``tick``) and every later one, in order."""
+        i = bisect.bisect_right(self.changes, (tick, LATEST))
+        return [(tick, self.at(tick))] + [(t, q) for t, _, q in self.changes[i:]]
 
 
 def tick_span(second: int, tick: int, qps: int, n: int, ticks: int,

@@ -6,11 +6,17 @@ user positions ``[0, n)``, the part ``[begin, end)`` this process owns, the
 server, source addresses and pacing. The parent talks to it through pipes:
 
 - stdin, one JSON object a line: ``{"qps": Q, "tick": K}`` (host-wide QPS
-  from absolute tick ``K`` = ``unix_time * ticks``) or ``{"stop": true}``.
-  End of file means the parent is gone: the worker exits.
+  from absolute tick ``K`` = ``unix_time * ticks``; the latest change due
+  wins), ``{"coverage": true}`` or ``{"stop": true}``. A line that is not
+  such an object is logged and ignored. End of file means the parent is
+  gone: the worker exits.
 - stdout, one JSON object a line, once per wall-clock second: what was sent
   (by the second stamped in the frames), answered, results by code, the
   latency histogram, claims, logins, reconnects and connections now up.
+
+The worker fails loudly: if its reactor greenlet (sockets, control input)
+or its pacer (the tick loop) dies, the process ends with ``EXIT_DIED`` and
+the agent restarts it like a dead SET.
 
 State (all in this module's ``Worker``): one ``Conn`` record per owned user,
 an fd -> record dict for the reactor, a heap of connection attempts due,
@@ -38,8 +44,9 @@ from typing import Any
 import gevent
 from gevent.event import Event
 
+from app.arbiter import EXIT_BOOT_ERROR
 from app.client.histogram import Histogram
-from app.client.schedule import clip, tick_span
+from app.client.schedule import Timeline, clip, tick_span
 from app.protocol import (
     ClaimResult,
     ClientSession,
@@ -55,7 +62,7 @@ log = logging.getLogger("hongbao.client.worker")
 
 IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h; bind() then defers the port choice to connect()
 FD_RESERVE = 64  # descriptors kept free for the epoll, pipes and the odd HTTP request
-EXIT_CANNOT_BOOT = 3  # reserved: the parent halts instead of restarting us forever
+EXIT_DIED = 1  # the reactor or the pacer greenlet died: the parent restarts us
 
 BACKOFF_BASE = 0.5  # seconds; first retry after a loss waits uniform(0, 0.5)
 BACKOFF_CAP = 5.0  # seconds; the longest a retry waits (the connect-rate bucket bounds the rate;
@@ -114,7 +121,7 @@ class Conn:
 class Worker:
     """Connections, pacing and per-second reports of one process."""
 
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: dict[str, Any], control_fd: int | None = None) -> None:
         self.index: int = spec["index"]
         self.first: int = spec["first"]  # userid of position 0
         self.n: int = spec["n"]  # positions of the whole host
@@ -125,10 +132,11 @@ class Worker:
         self.sources: list[str] = list(spec.get("sources") or [])
         self.ticks: int = spec["ticks"]
         self.pacing: str = spec["pacing"]
-        self.qps: int = spec.get("qps", 0)
+        # host QPS by tick: the change in effect now and later ones, each applied at its tick
+        self.timeline = Timeline(spec.get("changes") or [(0, spec.get("qps", 0))])
+        self.qps = 0
         self.connect_rate: float = spec["connect_rate"]  # attempts per second, this process
         self.max_in_flight = max(50, min(MAX_IN_FLIGHT, int(2 * self.connect_rate)))
-        self.changes: list[tuple[int, int]] = []  # (tick, qps) waiting for their tick
         self.conns = [Conn(p, self.first + p) for p in range(self.begin, self.end)]
         self.by_fd: dict[int, Conn] = {}
         self.due: list[tuple[float, int]] = [(0.0, p) for p in range(self.begin, self.end)]
@@ -138,11 +146,12 @@ class Worker:
         self.ready = 0
         self.reactor = Reactor(self._dispatch, coalesce=COALESCE)
         self.wake = Event()
-        self.stdin = sys.stdin.fileno()
+        self.stdin = sys.stdin.fileno() if control_fd is None else control_fd
         self.ctl_buf = b""
         self.last_tick = 0
         self.expired_second = 0  # the second whose login timeouts were last checked
         self.stopping = False
+        self.died = ""  # why a greenlet of ours died (the process then exits EXIT_DIED)
         self._reset_counters()
 
     # --- per-second counters -------------------------------------------------
@@ -343,21 +352,27 @@ class Worker:
         self.ctl_buf += data
         *lines, self.ctl_buf = self.ctl_buf.split(b"\n")
         for line in lines:
-            if not line.strip():
-                continue
-            msg = json.loads(line)
-            if msg.get("stop"):
-                self.stopping = True
-            elif msg.get("coverage"):
-                self.coverage()
-            elif "qps" in msg:
-                tick = int(msg.get("tick", 0))
-                if tick <= self.last_tick:
-                    self.qps = int(msg["qps"])
-                else:
-                    self.changes.append((tick, int(msg["qps"])))
-                    self.changes.sort()
-                self.wake.set()  # an idle pacer sleeps to the next second: wake it now
+            if line.strip():
+                try:
+                    self._command(json.loads(line))
+                except (ValueError, TypeError, AttributeError) as exc:
+                    log.warning("ignoring control line %r: %s", line[:80], exc)
+
+    def _command(self, msg: dict[str, Any]) -> None:
+        """One control message (raises ValueError/TypeError/AttributeError when malformed)."""
+        if msg.get("stop"):
+            self.stopping = True
+            self.wake.set()
+        elif msg.get("coverage"):
+            self.coverage()
+        elif "qps" in msg:
+            qps, tick = int(msg["qps"]), int(msg.get("tick", 0))
+            if qps < 0:
+                raise ValueError("negative qps")
+            self.timeline.add(tick, qps)
+            self.wake.set()  # an idle pacer sleeps to the next second: wake it now
+        else:
+            raise ValueError("neither stop, coverage nor qps")
 
     def coverage(self) -> None:
         """Report how evenly users were asked: O(connections), so only on request."""
@@ -372,8 +387,7 @@ class Worker:
     # --- pacing ---------------------------------------------------------------
     def run_tick(self, tick: int, now: float) -> None:
         """Send this process's part of the window slice of absolute ``tick``."""
-        while self.changes and self.changes[0][0] <= tick:
-            self.qps = self.changes.pop(0)[1]
+        self.qps = self.timeline.at(tick)
         second, k = divmod(tick, self.ticks)
         if k == 0:
             self.report(second - 1)
@@ -406,13 +420,14 @@ class Worker:
 
     def idle(self, next_tick: float) -> bool:
         """True when the ticks until the next second would do nothing."""
-        return (not self.qps and not self.changes and not self.pending
+        return (not self.qps and not self.timeline.pending(self.last_tick) and not self.pending
                 and not (self.due and self.due[0][0] <= next_tick + 1.0))
 
     def pace(self) -> None:
         """The tick loop: sleep to the next wall-clock tick, run every tick now due."""
         ticks = self.ticks
         self.last_tick = int(time.time() * ticks)
+        self.qps = self.timeline.at(self.last_tick)  # a restarted worker: what applies now
         while not self.stopping:
             now = time.time()
             next_tick = (int(now * ticks) + 1) / ticks
@@ -442,17 +457,34 @@ class Worker:
                 self.expired_second = current // ticks
                 self._expire_logins(now)
 
-    def run(self) -> None:
+    def run(self) -> int:
+        """Serve until told to stop (0) or until one of our greenlets dies (``EXIT_DIED``)."""
         os.set_blocking(self.stdin, False)
         self.reactor.register(self.stdin, READ)
-        self.reactor.start()
+        self.reactor_greenlet = self.reactor.start()
+        self.reactor_greenlet.link_exception(self._greenlet_died)
+        self.pacer = pacer = gevent.spawn(self.pace)
+        pacer.name = "pacer"
+        pacer.link_exception(self._greenlet_died)
         try:
-            self.pace()
+            pacer.join()
+            if pacer.exception is not None and not self.died:
+                self._greenlet_died(pacer)
         finally:
+            pacer.kill()
             self.reactor.close()
             for conn in self.conns:
                 if conn.fd >= 0:
                     close_fd(conn.fd)
+        return EXIT_DIED if self.died else 0
+
+    def _greenlet_died(self, greenlet: gevent.Greenlet) -> None:
+        if self.died:
+            return
+        self.died = f"{greenlet.name} greenlet died: {greenlet.exception!r}"
+        log.error("process %d: %s; exiting %d", self.index, self.died, EXIT_DIED)
+        self.stopping = True
+        self.wake.set()
 
 
 def raise_fd_limit(needed: int) -> None:
@@ -462,7 +494,7 @@ def raise_fd_limit(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if needed + FD_RESERVE > hard:
         sys.stderr.write(f"need {needed + FD_RESERVE} descriptors, hard limit is {hard}\n")
-        sys.exit(EXIT_CANNOT_BOOT)
+        sys.exit(EXIT_BOOT_ERROR)  # the agent halts instead of restarting us forever
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -475,7 +507,7 @@ def main(argv: list[str] | None = None) -> None:
     # Ctrl-C reaches the whole process group; the agent decides when we stop
     # (a "stop" line or the end of stdin), so a terminal's SIGINT is ignored.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    Worker(spec).run()
+    sys.exit(Worker(spec).run())
 
 
 if __name__ == "__main__":

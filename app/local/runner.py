@@ -64,12 +64,20 @@ class Service:
 
     def start(self, timeout: float = START_TIMEOUT) -> re.Match[str]:
         """Start it and return the ready line's match; RuntimeError (and stopped) if none."""
+        self.launch()
+        return self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the process (``wait_ready`` then waits for its ready line)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log_file:
             self.proc = subprocess.Popen(
                 self.cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log_file,
                 stdin=subprocess.PIPE if self.stdin else subprocess.DEVNULL,
                 start_new_session=True, env=self.env)
+
+    def wait_ready(self, timeout: float) -> re.Match[str]:
+        """The ready line's match within ``timeout`` s; else it is stopped and RuntimeError."""
         deadline = time.monotonic() + timeout
         while True:
             line = self.read_line(deadline - time.monotonic())

@@ -16,7 +16,6 @@ import logging
 import socket
 import sys
 import time
-from typing import Any
 
 import gevent
 
@@ -25,7 +24,8 @@ from app.httpapi import Api, HttpError, Request, now, serve
 from app.metrics import system as sysmetrics
 from app.metrics.statsd import Metrics
 from app.server.ledger import sum_ledgers
-from app.server.supervisor import Supervisor, share
+from app.server.supervisor import Supervisor
+from app.shares import campaign_shares
 
 log = logging.getLogger("hongbao.server")
 
@@ -66,6 +66,22 @@ def sum_counters(parts: list[dict]) -> dict[str, int]:
         for key, n in counters.items():
             total[key] = total.get(key, 0) + n
     return total
+
+
+def check_group_range(qps: int, total: int, low: int, high: int, sets: int) -> None:
+    """400 unless a group campaign can run: min <= max, and 3 users of every SET in range.
+
+    Every SET picks each group's three recipients among its own users
+    (``userid % S``) in ``[min, max]``; a range with fewer than 3 of some
+    SET's users would leave that SET's share of the sum never generated.
+    """
+    if low > high:
+        raise HttpError(400, f"min ({low}) must not exceed max ({high})")
+    users = high - low + 1
+    if qps and total and users < 3 * sets:
+        raise HttpError(400, f"min..max ({low}..{high}) holds {users} users; every SET picks "
+                             f"3 recipients among its own users in it, so {sets} SETs need "
+                             f"at least {3 * sets}")
 
 
 def build_api(sup: Supervisor) -> Api:
@@ -125,32 +141,30 @@ def build_api(sup: Supervisor) -> Api:
             "per_set": per_set,
         }
 
-    def broadcast(op: str, fields: dict[str, int]) -> dict:
-        def request(k: int) -> dict:
-            return {"op": op, **{name: share(v, k, sup.sets) if name in ("rate", "sum") else v
-                                 for name, v in fields.items()}}
-
-        answers = sup.ask_all(request)
+    def broadcast(op: str, rate: int, total: int, **fields: int) -> dict:
+        """Send every SET its share of a campaign; the shares add up to exactly rate and sum."""
+        shares = campaign_shares(rate, total, sup.sets)
+        answers = sup.ask_all(lambda k: {"op": op, "rate": shares[k][0], "sum": shares[k][1],
+                                         **fields})
         missing = [k for k, a in enumerate(answers) if not (a and a.get("ok"))]
         if missing:
             raise HttpError(503, f"SETs {missing} did not take the change (down?)")
-        return {"ok": True, **fields, "sets": sup.sets}
+        return {"ok": True, "rate": rate, "sum": total, **fields, "sets": sup.sets}
 
     @api.route("/yaohongbao", mutating=True)
     def yaohongbao(request: Request) -> dict:
         qps = request.int_param("qps", maximum=10_000_000)
         total = request.int_param("sum", maximum=2**40)
-        return broadcast("yao", {"rate": qps, "sum": total})
+        return broadcast("yao", qps, total)
 
     @api.route("/fahongbao", mutating=True)
     def fahongbao(request: Request) -> dict:
         qps = request.int_param("qps", maximum=1_000_000)
         total = request.int_param("sum", maximum=2**40)
-        low = request.int_param("min", minimum=1)
-        high = request.int_param("max", minimum=1)
-        if low > high:
-            raise HttpError(400, f"min ({low}) must not exceed max ({high})")
-        return broadcast("fa", {"rate": qps, "sum": total, "min": low, "max": high})
+        low = request.int_param("min")  # 0 too: the prototype's users start at 0
+        high = request.int_param("max")
+        check_group_range(qps, total, low, high, sup.sets)
+        return broadcast("fa", qps, total, min=low, max=high)
 
     return api
 
@@ -159,7 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     config = settings.parse("server", argv, description=__doc__.splitlines()[0])
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s supervisor %(levelname)s %(message)s")
-    sup = Supervisor(config)
+    try:
+        sup = Supervisor(config)
+    except settings.SettingError as exc:
+        sys.stderr.write(f"hongbao-server: {exc}\n")
+        return 2
     try:
         sup.start()
     except OSError as exc:
@@ -185,14 +203,10 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     sup.stopping.wait()
     http.stop(timeout=1)
-    while not getattr(sup, "stopped", False):
+    while not sup.stopped:
         gevent.sleep(0.05)
     log.info("stopped")
     return 0
-
-
-def run() -> Any:  # pragma: no cover - console script alias
-    return main()
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ import gevent
 from gevent import socket as gsocket
 
 from app import protocol as p
+from app import settings
 from app.metrics import system as sysmetrics
 from app.metrics.statsd import Metrics
 from app.reactor import READ, READ_WRITE, WRITE, Reactor, read_some
@@ -472,10 +473,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inbox", type=int, required=True)
     parser.add_argument("--outboxes", required=True)
     parser.add_argument("--control", type=int, required=True)
-    parser.add_argument("--config", required=True, help="JSON of the server settings")
+    parser.add_argument("--config", required=True,
+                        help="the server's settings (app.settings.to_json)")
     args = parser.parse_args(argv)
-    config = json.loads(args.config)
-    logging.basicConfig(level=config.get("log_level", "info").upper(),
+    try:  # the same table and checks as the supervisor's: a bad value cannot crash-loop us
+        config = settings.from_json("server", args.config)
+    except (settings.SettingError, ValueError) as exc:
+        sys.stderr.write(f"SET {args.set_id} cannot boot: bad settings: {exc}\n")
+        return EXIT_BOOT_ERROR
+    logging.basicConfig(level=config.log_level.upper(),
                         format=f"%(asctime)s set-{args.set_id} %(levelname)s %(message)s")
     worker = SetWorker(args.set_id, args.sets, args.port, args.inbox,
                        [int(fd) for fd in args.outboxes.split(",")], args.control, config)

@@ -1,12 +1,13 @@
 """The supervisor: spawns the SETs, keeps them alive, and speaks for them.
 
-It reads like a small pre-fork master (gunicorn's arbiter):
-``spawn_set`` starts one SET with a stable ``set_id``; ``keep_set`` is the
-greenlet that restarts it when it dies (with backoff, and never when it
-exits with ``EXIT_BOOT_ERROR``: a SET that cannot boot, e.g. on a corrupted
-journal, is reported, not restarted forever); ``handle_term`` stops the
-tree gracefully; ``ask`` and ``ask_all`` query SETs over their control
-sockets for the HTTP API.
+It is an ``app.arbiter.Arbiter`` (the process model the client agent's
+master shares): ``spawn`` starts one SET with a stable ``set_id``; the
+arbiter restarts it when it dies (with backoff, and never when it exits
+with ``EXIT_BOOT_ERROR``: a SET that cannot boot, e.g. on a corrupted
+journal, is reported, not restarted forever, and the others serve on);
+``heartbeat`` pings every ready SET, and an answer is its sign of life for
+the arbiter's liveness rule; ``handle_term`` stops the tree gracefully;
+``ask`` and ``ask_all`` query SETs over their control sockets for the HTTP API.
 
 What outlives a SET's restart, so nothing is lost in between: its inbox
 (the Unix datagram socket that other SETs hand its users to — created here,
@@ -29,24 +30,22 @@ import time
 from typing import Any
 
 import gevent
+from gevent import socket as gsocket
 from gevent import subprocess
-from gevent.event import Event
 from gevent.lock import BoundedSemaphore
 from gevent.socket import wait_read
 
-from app.server.set_worker import EXIT_BOOT_ERROR
+from app import settings
+from app.arbiter import Arbiter, Slot
 
 log = logging.getLogger("hongbao.supervisor")
 
-RESTART_BACKOFF = (0.0, 0.2, 0.5, 1.0, 2.0, 5.0)  # seconds before the n-th quick restart
-STABLE_AFTER = 10.0  # a SET that ran this long restarts without backoff next time
 STOP_TIMEOUT = 10.0  # graceful stop: seconds before SIGKILL
 CONTROL_TIMEOUT = 5.0  # seconds a SET has to answer a control request
 HEARTBEAT = 2.0  # seconds between liveness pings
-HEARTBEAT_MISSES = 3  # a SET silent this many pings in a row is killed and restarted
-# Seconds a ping may take; a hung SET is killed after ~3 x 7 s. Generous: at
-# load 100 (1M connections, 140 processes on 2 cores) a healthy SET answered
-# pings seconds late, and killing it there only adds a restart to the overload.
+# Seconds a ping may take. Generous, as is the liveness timeout: at load 100
+# (1M connections, 140 processes on 2 cores) a healthy SET answered pings
+# seconds late, and killing it there only adds a restart to the overload.
 HEARTBEAT_TIMEOUT = 5.0
 
 
@@ -59,41 +58,32 @@ def auto_sets(target_connections: int, reserve: int) -> int:
     return max(os.cpu_count() or 1, math.ceil(target_connections / per_set))
 
 
-def share(total: int, k: int, parts: int) -> int:
-    """Part ``k`` of ``total`` split over ``parts`` so the parts sum exactly to it."""
-    return total // parts + (1 if k < total % parts else 0)
-
-
-class SetHandle:
+class SetHandle(Slot):
     """What the supervisor knows of one SET across its restarts."""
 
     def __init__(self, set_id: int) -> None:
+        super().__init__(set_id, f"SET {set_id}")
         self.set_id = set_id
         self.inbox_recv, self.inbox_send = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         for s in (self.inbox_recv, self.inbox_send):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        self.process: subprocess.Popen | None = None
         self.control: socket.socket | None = None
         self.reader: Any = None
         self.lock = BoundedSemaphore()
-        self.ready = Event()
-        self.restarts = 0
-        self.started_at = 0.0
-        self.failed: str | None = None  # why it will not be restarted
-        self.misses = 0
-        self.last_exit: int | None = None
         self.seq = 0  # control request number; answers echo it
 
 
-class Supervisor:
+class Supervisor(Arbiter[SetHandle]):
     def __init__(self, config: Any) -> None:
         self.config = config
         self.sets = config.sets or auto_sets(config.target_connections, config.fd_reserve)
+        settings.check_budget(config, self.sets)  # SettingError: main exits 2 with it
         self.handles = [SetHandle(k) for k in range(self.sets)]
+        super().__init__(self.handles, config.liveness_timeout, STOP_TIMEOUT)
         self.port = config.port
-        self.stopping = Event()
         self.started = time.time()
+        self.stopped = False
         self._port_guard: socket.socket | None = None
 
     # -------------------------------------------------------------- startup
@@ -107,13 +97,7 @@ class Supervisor:
         self._port_guard = guard  # bound, never listening: holds the port for us
         return self.port
 
-    def worker_config(self) -> dict:
-        keys = ("host", "journal_dir", "login_timeout", "shake_budget", "amount_min",
-                "amount_max", "group_amount_min", "group_amount_max", "claim_ttl", "statsd",
-                "log_level", "durability")
-        return {k: getattr(self.config, k) for k in keys}
-
-    def spawn_set(self, handle: SetHandle) -> None:
+    def spawn(self, handle: SetHandle) -> subprocess.Popen:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         outboxes = [h.inbox_send.fileno() for h in self.handles]
         fds = [handle.inbox_recv.fileno(), child_end.fileno(), *outboxes]
@@ -122,43 +106,21 @@ class Supervisor:
                "--inbox", str(handle.inbox_recv.fileno()),
                "--outboxes", ",".join(map(str, outboxes)),
                "--control", str(child_end.fileno()),
-               "--config", json.dumps(self.worker_config())]
-        handle.process = subprocess.Popen(cmd, pass_fds=fds, start_new_session=False)
+               "--config", settings.to_json(self.config)]
+        process = subprocess.Popen(cmd, pass_fds=fds, start_new_session=False)
         child_end.close()
-        from gevent import socket as gsocket
-
         handle.control = gsocket.socket(fileno=parent_end.detach())
         handle.reader = handle.control.makefile("rb")
-        handle.started_at = time.time()
-        handle.misses = 0
-        log.info("spawned SET %d (pid %d)", handle.set_id, handle.process.pid)
+        log.info("spawned SET %d (pid %d)", handle.set_id, process.pid)
+        gevent.spawn(self._await_ready, handle, process)
+        return process
 
-    def keep_set(self, handle: SetHandle) -> None:
-        """Run one SET for the supervisor's lifetime, restarting it when it dies."""
-        quick = 0
-        while not self.stopping.is_set():
-            self.spawn_set(handle)
-            gevent.spawn(self._await_ready, handle)
-            code = handle.process.wait()
-            handle.ready.clear()
-            handle.last_exit = code
-            self._close_control(handle)
-            if self.stopping.is_set():
-                return
-            if code == EXIT_BOOT_ERROR:
-                handle.failed = "cannot boot (see its log: journal or listen error)"
-                log.error("SET %d cannot boot; not restarting it", handle.set_id)
-                gevent.spawn(self._refuse_handoffs, handle)
-                return
-            ran = time.time() - handle.started_at
-            quick = 0 if ran > STABLE_AFTER else quick + 1
-            why = "perhaps out of memory" if code == -signal.SIGKILL else f"exit {code}"
-            delay = RESTART_BACKOFF[min(quick, len(RESTART_BACKOFF) - 1)]
-            handle.restarts += 1
-            log.warning("SET %d died (%s) after %.1fs; restart #%d in %.1fs", handle.set_id,
-                        why, ran, handle.restarts, delay)
-            if delay:
-                self.stopping.wait(delay)
+    def on_exit(self, handle: SetHandle, code: int) -> None:
+        self._close_control(handle)
+
+    def on_boot_error(self, handle: SetHandle, code: int) -> None:
+        handle.failed = "cannot boot (see its log: journal or listen error)"
+        gevent.spawn(self._refuse_handoffs, handle)
 
     def _refuse_handoffs(self, handle: SetHandle) -> None:
         """Close every connection handed to a SET that cannot boot.
@@ -184,11 +146,12 @@ class Supervisor:
             for fd in fds:
                 os.close(fd)
 
-    def _await_ready(self, handle: SetHandle) -> None:
-        process = handle.process
-        while handle.process is process and process.poll() is None:
+    def _await_ready(self, handle: SetHandle, process: subprocess.Popen) -> None:
+        """Ping a new SET until it answers: then it is ready (and liveness counts)."""
+        while handle.proc is process and process.poll() is None:
             try:
                 self.ask(handle, {"op": "ping"}, timeout=2.0)
+                self.seen(handle)
                 handle.ready.set()
                 return
             except (OSError, ValueError, gevent.Timeout):
@@ -203,21 +166,16 @@ class Supervisor:
         handle.control = handle.reader = None
 
     def heartbeat(self) -> None:
-        """Kill a SET that stops answering (hung loop); keep_set restarts it."""
-        while not self.stopping.is_set():
-            self.stopping.wait(HEARTBEAT)
-            for handle in self.handles:
-                if not handle.ready.is_set() or handle.process is None:
-                    continue
+        """Ping every ready SET; an answer is its sign of life (a hung loop stays silent)."""
+        while not self.stopping.wait(HEARTBEAT):
+            def ping(handle: SetHandle) -> None:
                 try:
                     self.ask(handle, {"op": "ping"}, timeout=HEARTBEAT_TIMEOUT)
-                    handle.misses = 0
+                    self.seen(handle)
                 except (OSError, ValueError, gevent.Timeout):
-                    handle.misses += 1
-                    if handle.misses >= HEARTBEAT_MISSES and handle.process.poll() is None:
-                        log.error("SET %d silent for %d pings; killing it", handle.set_id,
-                                  handle.misses)
-                        handle.process.kill()
+                    pass
+
+            gevent.joinall([gevent.spawn(ping, h) for h in self.handles if h.ready.is_set()])
 
     # -------------------------------------------------------------- control
     def ask(self, handle: SetHandle, request: dict, timeout: float = CONTROL_TIMEOUT) -> dict:
@@ -271,8 +229,8 @@ class Supervisor:
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self.reserve_port()
-        self.keepers = [gevent.spawn(self.keep_set, h) for h in self.handles]
-        self.heartbeat_greenlet = gevent.spawn(self.heartbeat)
+        super().start()
+        gevent.spawn(self.heartbeat).name = "heartbeat"
         gevent.signal_handler(signal.SIGTERM, self.handle_term)
         gevent.signal_handler(signal.SIGINT, self.handle_term)
 
@@ -284,18 +242,5 @@ class Supervisor:
 
     def stop(self) -> None:
         """Graceful: every SET flushes its journal and closes; SIGKILL after the timeout."""
-        self.stopping.set()
-        for handle in self.handles:
-            if handle.process is not None and handle.process.poll() is None:
-                handle.process.terminate()
-        deadline = time.time() + STOP_TIMEOUT
-        for handle in self.handles:
-            if handle.process is None:
-                continue
-            try:
-                handle.process.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                log.error("SET %d did not stop in %.0fs; killing", handle.set_id, STOP_TIMEOUT)
-                handle.process.kill()
-                handle.process.wait()
+        super().stop()
         self.stopped = True

@@ -1,0 +1,131 @@
+"""One process model (app.arbiter) for SETs and client workers: restart, liveness, failing loudly.
+
+The restart policy and the QPS timeline are pure and tested as such; the
+worker is tested as the real process (control input on its stdin) and in
+this process where a greenlet of its own is made to die; the agent is
+tested as the real process whose worker stops reporting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import gevent
+import pytest
+
+from app import settings
+from app.arbiter import RESTART_BACKOFF, STABLE_AFTER, RestartPolicy
+from app.client.agent import Agent
+from app.client.worker import EXIT_DIED, Worker
+from app.local.runner import ROOT
+from tests.reliability import start_agent  # noqa: F401  (fixture)
+
+
+def test_backoff_grows_while_a_child_dies_quickly_and_resets_after_a_stable_run():
+    policy = RestartPolicy()
+    quick = [policy.delay(0.1) for _ in range(len(RESTART_BACKOFF) + 2)]
+    assert quick == [*RESTART_BACKOFF[1:], RESTART_BACKOFF[-1], RESTART_BACKOFF[-1],
+                     RESTART_BACKOFF[-1]]
+    assert policy.delay(STABLE_AFTER) == RESTART_BACKOFF[0] == 0.0
+    assert policy.delay(0.1) == RESTART_BACKOFF[1]
+
+
+def agent_of(users: str = "1-3") -> Agent:
+    """An agent object of this process (not started): its timeline and its workers' specs."""
+    environ = {"HONGBAO_USERS": users, "HONGBAO_SERVER": "127.0.0.1:9", "HONGBAO_QPS": "100"}
+    return Agent(settings.resolve("client", None, environ))
+
+
+def test_agent_target_is_the_latest_change_due_not_the_last_inserted():
+    agent = agent_of()
+    now = int(time.time())
+    agent.set_qps(500, at_second=now + 100)
+    agent.set_qps(700, at_second=now + 50)  # sent later, due earlier
+    assert agent.target(now + 10) == 100
+    assert agent.target(now + 60) == 700
+    assert agent.target(now + 120) == 500  # the latest change due wins
+
+
+def test_a_restarted_worker_applies_a_future_change_at_its_second():
+    agent = agent_of()
+    ticks = agent.config.ticks
+    at = int(time.time()) + 30
+    agent.set_qps(900, at_second=at)
+    worker = Worker(agent.spec(agent.children[0]), control_fd=os.open(os.devnull, os.O_RDONLY))
+    try:
+        now_tick = int(time.time() * ticks)
+        assert worker.timeline.at(now_tick) == 100
+        assert worker.timeline.at(at * ticks - 1) == 100
+        assert worker.timeline.at(at * ticks) == 900
+    finally:
+        worker.reactor.close()
+        os.close(worker.stdin)
+
+
+def worker_process(tmp_path) -> subprocess.Popen:
+    spec = agent_of().spec(agent_of().children[0])
+    return subprocess.Popen([sys.executable, "-m", "app.client.worker", json.dumps(spec)],
+                            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / "worker.log", "wb"), start_new_session=True)
+
+
+def test_malformed_control_input_is_logged_and_ignored_and_stop_still_works(tmp_path):
+    proc = worker_process(tmp_path)
+    try:
+        for line in (b"not json\n", b"[1, 2]\n", b'{"qps": "many"}\n', b'{"what": 1}\n',
+                     b'{"qps": -5, "tick": 0}\n'):
+            proc.stdin.write(line)
+        proc.stdin.flush()
+        time.sleep(0.5)
+        assert proc.poll() is None  # still serving
+        proc.stdin.write(b'{"stop": true}\n')
+        proc.stdin.flush()
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    log = (tmp_path / "worker.log").read_text()
+    assert log.count("ignoring control line") == 5, log
+
+
+@pytest.mark.parametrize("loop", ["reactor", "pacer"])
+def test_a_dead_greenlet_ends_the_worker_with_a_non_zero_code(loop):
+    agent = agent_of()
+    read_end, write_end = os.pipe()
+    worker = Worker(agent.spec(agent.children[0]), control_fd=read_end)
+    run = gevent.spawn(worker.run)
+    try:
+        gevent.sleep(0.3)
+        victim = worker.reactor_greenlet if loop == "reactor" else worker.pacer
+        victim.kill(RuntimeError("injected"), block=False)
+        run.join(timeout=5)
+        assert run.dead and run.value == EXIT_DIED
+        assert worker.died.startswith(f"{loop} greenlet died")
+    finally:
+        run.kill()
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_a_worker_that_stops_reporting_is_killed_and_restarted(start_server, start_agent):  # noqa: F811
+    server = start_server(sets=1)
+    agent = start_agent(server, (1, 200), processes=2, liveness_timeout=2)
+    agent.wait_connected()
+    victim = agent.get("/stats")["processes"][1]
+    os.kill(victim["pid"], signal.SIGSTOP)  # alive but silent: no report, no exit
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        procs = agent.get("/stats")["processes"]
+        if procs[1]["pid"] != victim["pid"]:
+            break
+        time.sleep(0.2)
+    assert procs[1]["restarts"] == 1 and procs[1]["pid"] != victim["pid"], procs
+    assert procs[0]["restarts"] == 0
+    agent.wait_connected()
+    assert agent.get("/health")["restarts"] == 1
