@@ -152,6 +152,7 @@ class Arbiter(Generic[S]):
                     slot.proc.kill()
 
     def restarts(self) -> int:
+        """Restarts of every slot so far (what /health reports)."""
         return sum(slot.restarts for slot in self.slots)
 
     def stop(self) -> None:

@@ -23,8 +23,9 @@ it compares the server's ``/stats`` counters with what it sent, exactly.
 Cases: wrong lengths, unknown commands, oversize frames, server-to-client
 commands, frames before LOGIN (one, or a flood of thousands), random bytes,
 bad frames split at every byte, LOGIN of user 0 (a user like any other, as
-in the classic prototype; one such case at a time, so that they do not
-replace each other), logins that never finish
+in the classic prototype; once per run, so that no second login of user 0
+replaces the first before the server has seen it closed), logins that
+never finish
 (nothing sent, or part of a LOGIN), the same after a good LOGIN (wrong
 length, unknown command, oversize, direction, a second LOGIN), valid
 frames split at every byte, randomly mutated streams of valid frames, and
@@ -77,7 +78,6 @@ class Plan:
     reason: str = ""  # protocol_error.<reason> when expect == protocol_error
     answers: int = 0  # answers a served case must get (SHAKE and CLAIM frames)
     logs_in: bool = False  # a LOGIN inside ``chunks`` (besides ``login``) succeeds
-    user_zero: bool = False  # logs in user 0: at most one such case runs at a time
 
     @property
     def sent_bytes(self) -> int:
@@ -117,7 +117,7 @@ class Cases:
     def __init__(self, rng: random.Random, user_base: int) -> None:
         self.rng = rng
         self.next_user = user_base
-        self.zero_busy = False  # a case holds user 0's login (released by the harness)
+        self.zero_used = False  # user 0 logs in once per run
 
     def user(self) -> int:
         self.next_user += 1
@@ -186,11 +186,11 @@ class Cases:
 
     def login_zero(self) -> Plan:
         """User 0 logs in and shakes as "me" (0) and as user 0: two answers."""
-        if self.zero_busy:
+        if self.zero_used:
             return self.split_valid()
-        self.zero_busy = True
+        self.zero_used = True
         data = p.encode(p.Login(0)) + p.encode(p.Shake(0)) + p.encode(p.Shake(0))
-        return Plan("login_userid_0", chunks=[data], answers=2, logs_in=True, user_zero=True)
+        return Plan("login_userid_0", chunks=[data], answers=2, logs_in=True)
 
     # -- after a good LOGIN
     def after_login(self) -> Plan:
@@ -302,13 +302,6 @@ class Harness:
         gevent.joinall([gevent.spawn(loop) for _ in range(self.connections)])
 
     def one(self, plan: Plan) -> None:
-        try:
-            self._one(plan)
-        finally:
-            if plan.user_zero:
-                self.cases.zero_busy = False
-
-    def _one(self, plan: Plan) -> None:
         tally = self.tallies.setdefault(plan.case, Tally())
         try:
             sock = socket.create_connection(self.address, timeout=CLOSE_WAIT)

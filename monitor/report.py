@@ -189,6 +189,9 @@ def draw(view: View, series: dict[str, Points], path: Path, subtitle: str,
                 ax.annotate(span.name, (when(span.start), 1), xycoords=("data", "axes fraction"),
                             xytext=(3, -12), textcoords="offset points", fontsize=8,
                             color="#555")
+                if view.name == "qps":  # the band a served second must fall in
+                    ax.fill_between([when(span.start), when(span.end)], span.target * 0.98,
+                                    span.target * 1.02, color="#1a7f37", alpha=0.15, lw=0)
         for label, points in series.items():
             ax.plot([when(t) for t, _ in points], [v for _, v in points],
                     "--" if label in dashed else "-", label=label, linewidth=1.4,

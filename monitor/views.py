@@ -56,8 +56,8 @@ VIEWS: tuple[View, ...] = (
         Series("clients answered", CLIENT_SERVED, "client_served"),
         Series("scheduled (clients sent)", f"sumSeries({C}.client.*.sent.count)",
                "client_sent", dashed=True),
-    ), hint="Served lines on the target line each second; a dip then a spike is a backlog "
-            "served late, however exact the dashed scheduled line is."),
+    ), hint="Served lines inside the green ±2% band each second; a dip then a spike is a "
+            "backlog served late, however exact the dashed scheduled line is."),
     View("results", "Server answers per second, by result", "answers per second", (
         Series("14 got an envelope", f"{C}.server.shakes.14.count", "server_by_result", "14"),
         Series("15 none left", f"{C}.server.shakes.15.count", "server_by_result", "15"),

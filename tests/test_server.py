@@ -8,6 +8,8 @@ import time
 import pytest
 
 from app import protocol as p
+from app.local.runner import SERVER_READY, Service, get_json, server_command
+from tests.serverproc import Client
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
@@ -209,3 +211,32 @@ def test_login_and_frames_in_one_write_survive_the_handoff(server, clients):
     c.send_raw(p.encode(p.Login(7)) + p.encode(p.Shake(0)) + p.encode(p.Shake(0)))
     assert c.recv_type(p.LoginResult).result == 0
     assert [c.recv_type(p.ShakeResult).result for _ in range(2)] == [15, 15]
+
+
+def test_out_of_descriptors_the_set_pauses_accepting_and_comes_back(tmp_path):
+    """EMFILE is handled by the StreamServer's own backoff: counted, no busy loop, no crash;
+    the connections the kernel held in the backlog log in once descriptors are free."""
+    cmd = ["prlimit", "--nofile=160:160",
+           *server_command(tmp_path / "journal", 1, extra=["--log-level", "warning"])]
+    service = Service("server", cmd, tmp_path / "server.log", SERVER_READY)
+    match = service.start(30)
+    port, control = int(match.group(1)), f"{match.group(2)}:{match.group(3)}"
+    held: list[Client] = []
+    try:
+        for u in range(1, 201):  # more than the SET has descriptors for
+            client = Client(port, timeout=10)
+            client.send(p.Login(u))
+            held.append(client)
+        counters = wait_for(lambda: (c := get_json(control, "/stats")["counters"]).get(
+            "accept_exhausted") and c)
+        served = counters["logins"]
+        assert 100 < served < 200
+        for client in held[:100]:  # free descriptors: the waiting ones get in
+            client.close()
+        for client in held[100:]:
+            assert client.recv_type(p.LoginResult, timeout=10).result == p.LoginCode.OK
+        assert get_json(control, "/stats")["counters"]["logins"] >= 200
+    finally:
+        for client in held:
+            client.close()
+        service.stop(15.0)

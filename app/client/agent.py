@@ -275,7 +275,7 @@ class Agent(Arbiter[Child]):
         """What ``/health`` answers besides the clock: connections, workers, restarts."""
         return {"connections": self.connections, "target_connections": self.n,
                 "processes": len(self.children),
-                "restarts": sum(c.restarts for c in self.children)}
+                "restarts": self.restarts()}
 
     def cpu_seconds(self) -> float:
         """User+system CPU of the agent and its live workers (for µs per request)."""

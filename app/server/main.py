@@ -24,6 +24,7 @@ from app.httpapi import Api, HttpError, Request, now, serve
 from app.metrics import system as sysmetrics
 from app.metrics.statsd import Metrics
 from app.server.ledger import sum_ledgers
+from app.server.service import campaign_problem
 from app.server.supervisor import Supervisor
 from app.shares import campaign_shares
 
@@ -96,7 +97,7 @@ def build_api(sup: Supervisor) -> Api:
             "ok" if alive == sup.sets else "degraded")
         return {"status": status, "time": now(), "sets": sup.sets, "sets_alive": alive,
                 "failed": failed, "port": sup.port, "uptime": round(time.time() - sup.started, 3),
-                "restarts": sum(h.restarts for h in sup.handles)}
+                "restarts": sup.restarts()}
 
     @api.route("/stats")
     def stats(request: Request) -> dict:
@@ -142,10 +143,21 @@ def build_api(sup: Supervisor) -> Api:
         }
 
     def broadcast(op: str, rate: int, total: int, **fields: int) -> dict:
-        """Send every SET its share of a campaign; the shares add up to exactly rate and sum."""
+        """Send every SET its share of a campaign; the shares add up to exactly rate and sum.
+
+        Checked first against the settings by the SETs' own rule, so a campaign
+        they would refuse is a 400 here and reaches no journal.
+        """
+        kind = {"yao": b"Y", "fa": b"F"}[op]
+        why = campaign_problem(config, kind, (rate, total, *fields.values()))
+        if why:
+            raise HttpError(400, f"campaign refused: {why}")
         shares = campaign_shares(rate, total, sup.sets)
         answers = sup.ask_all(lambda k: {"op": op, "rate": shares[k][0], "sum": shares[k][1],
                                          **fields})
+        refused = [a["error"] for a in answers if a and "error" in a]
+        if refused:
+            raise HttpError(400, f"campaign {refused[0]}")
         missing = [k for k, a in enumerate(answers) if not (a and a.get("ok"))]
         if missing:
             raise HttpError(503, f"SETs {missing} did not take the change (down?)")

@@ -12,10 +12,12 @@ done by parts of one job each:
 - ``ledger`` + ``journal``: the money and its write-ahead record.
 
 How a connection flows: any SET may accept it (SO_REUSEPORT spreads
-accepts); the accepting SET reads the LOGIN, and if the user belongs to
-another SET it passes the descriptor and the bytes read after the LOGIN to
-the owner's inbox. The owner serves it for its lifetime. No greenlet per
-connection: every socket sits in the SET's epoll set (``app.reactor``).
+accepts); the accepting SET's ``LoginServer`` (``accept``, a gevent
+StreamServer) reads the LOGIN in a short-lived greenlet, then the socket
+goes to this SET's reactor or, if the user belongs to another SET, with the
+bytes read after the LOGIN to the owner's inbox. The owner serves it for
+its lifetime. No greenlet per logged-in connection: every socket sits in
+the SET's epoll set (``app.reactor``).
 
 "Journal, then answers" has one owner, ``SetWorker.commit``: after every
 reactor batch, generation tick and control change it writes the journal
@@ -43,7 +45,6 @@ import signal
 import socket
 import sys
 import time
-from collections import deque
 
 import gevent
 from gevent import socket as gsocket
@@ -52,7 +53,8 @@ from app import protocol as p
 from app import settings
 from app.metrics import system as sysmetrics
 from app.metrics.statsd import Metrics
-from app.reactor import READ, READ_WRITE, WRITE, Reactor, read_some
+from app.reactor import READ_WRITE, WRITE, Reactor, read_some
+from app.server.accept import LoginServer
 from app.server.handoff import READ_SIZE, HandoffRouter
 from app.server.journal import (
     MAGIC,
@@ -75,12 +77,6 @@ log = logging.getLogger("hongbao.set")
 EXIT_BOOT_ERROR = 3  # the supervisor does not restart a SET that cannot boot
 EXIT_RESTART = 75  # stopped on a failed journal write or a run-time limit: restart me
 
-MAX_ACCEPT = 256  # accepts per batch: bounded so a connect storm cannot starve frames
-ACCEPT_PAUSE = 0.5  # seconds the listener rests after running out of descriptors
-
-
-LoggedIn = p.LoggedIn  # a module name: looked up once per read on the hot path
-
 
 class SetHalt(Exception):
     """Stop this SET now and exit with ``EXIT_RESTART`` (the message says why)."""
@@ -98,7 +94,6 @@ class SetWorker:
         self.outbox_fds = outbox_fds
         self.control_fd = control_fd
         self.config = config
-        self.pending_logins: deque[Conn] = deque()
         self.stats = SetStats()
         self.stopping = False
         self.halted = False  # a journal write failed: no answer may go out any more
@@ -120,8 +115,9 @@ class SetWorker:
         # coalesce: requests from many client processes gathered into one wake-up
         # (at most 500 a second; app.reactor); kept under the 10 ms loop-lag budget
         self.reactor = Reactor(self._dispatch, self.commit, coalesce=0.002)
-        self.reactor.register(self.listener.fileno(), READ)
         count = self.stats.count
+        self.login_server = LoginServer(self.listener, self.config["login_timeout"],
+                                        self._on_login, self._count_protocol_error, count)
         self.transport = Transport(self.reactor, count)
         self.router = HandoffRouter(self.reactor, self.inbox_fd, self.outbox_fds, count)
         self.service = Service(self.set_id, self.sets, self.config, self.ledger, self.transport,
@@ -181,6 +177,7 @@ class SetWorker:
         gevent.signal_handler(signal.SIGTERM, self.stop)
         self.metrics.start()
         self.loop_lag.start()
+        self.login_server.start()
         greenlets = [
             self.reactor.start(),
             gevent.spawn(self._generate_loop),
@@ -207,7 +204,7 @@ class SetWorker:
                 self.commit()
                 self.journal.sync()
         finally:
-            self.listener.close()
+            self.login_server.stop(timeout=0)  # closes the listener, ends pending logins
             self.transport.close_all()
             self.metrics.stop()
 
@@ -235,8 +232,6 @@ class SetWorker:
             if conn is None:
                 if fd == self.inbox_fd:
                     self._adopt_handoffs(second)
-                elif fd == self.listener.fileno():
-                    self._accept(now)
                 elif fd in self.router.waiting:
                     self.router.drain(fd)
                 continue
@@ -249,46 +244,40 @@ class SetWorker:
                 continue
             if mask & WRITE and conn.blocked:
                 transport.writable(conn)
-            if not data:
-                continue
-            # _on_data, inlined: this is the path of nearly every request
-            try:
-                requests = conn.receive(data)
-            except p.ProtocolError as exc:
-                self._protocol_error(conn, exc)
-                continue
-            if requests and type(requests[0]) is LoggedIn:
-                self._route_login(conn, second)
-            else:
-                serve(conn, requests, second)
+            if data:  # _on_data, inlined: this is the path of nearly every request
+                try:
+                    serve(conn, conn.receive(data), second)
+                except p.ProtocolError as exc:
+                    self._protocol_error(conn, exc)
 
     def _on_data(self, conn: Conn, data: bytes, second: int) -> None:
-        """Bytes from a connection: its session turns them into events to serve."""
+        """Bytes from a logged-in connection: its session's events, served."""
         try:
-            events = conn.receive(data)
+            self.service.serve(conn, conn.receive(data), second)
         except p.ProtocolError as exc:
             self._protocol_error(conn, exc)
-            return
-        if events and type(events[0]) is LoggedIn:  # the session stops right after it
-            self._route_login(conn, second)
-        else:
-            self.service.serve(conn, events, second)
 
     def _protocol_error(self, conn: Conn, exc: p.ProtocolError) -> None:
-        self.stats.count("protocol_errors")
-        self.stats.count("protocol_error." + exc.reason)
-        self.metrics.incr("protocol_errors")
+        self._count_protocol_error(exc.reason)
         self.transport.close(conn, "protocol_error")
 
-    def _route_login(self, conn: Conn, second: int) -> None:
+    def _count_protocol_error(self, reason: str) -> None:
+        self.stats.count("protocol_errors")
+        self.stats.count("protocol_error." + reason)
+        self.metrics.incr("protocol_errors")
+
+    def _on_login(self, conn: Conn) -> None:
+        """A connection the LoginServer logged in: serve it here, or pass it to its owner."""
         owner = conn.userid % self.sets
         if owner != self.set_id:
-            self.transport.detach(conn)
             self.router.send(owner, conn.fd, conn.userid, conn.take_buffered())
             return
+        second = int(time.time())
+        self.transport.add(conn)
         self._logged_in(conn, second)
-        if conn.buffered and self.transport.is_open(conn):
+        if conn.buffered:
             self._on_data(conn, b"", second)
+        self.commit()
 
     def _logged_in(self, conn: Conn, second: int) -> None:
         self.transport.log_in(conn)
@@ -311,47 +300,6 @@ class SetWorker:
             if rest:
                 self._on_data(conn, rest, second)
 
-    # ------------------------------------------------------- accept, login
-    def _accept(self, now: float) -> None:
-        deadline = now + self.config["login_timeout"]
-        accept = self.listener._accept  # (fd, addr) without a socket object
-        for _ in range(MAX_ACCEPT):
-            try:
-                fd, _addr = accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self.stats.count("accept_exhausted")
-                    self._pause_accept()
-                    return
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                    continue
-                raise
-            os.set_blocking(fd, False)
-            conn = Conn(fd, deadline)
-            self.transport.add(conn)
-            self.pending_logins.append(conn)
-            self.stats.count("accepted")
-
-    def _pause_accept(self) -> None:
-        """Out of descriptors: rest the listener instead of spinning on it."""
-        fd = self.listener.fileno()
-        self.reactor.unregister(fd)
-
-        def resume() -> None:
-            if not self.stopping:
-                self.reactor.register(fd, READ)
-
-        gevent.spawn_later(ACCEPT_PAUSE, resume)
-
-    def _expire_logins(self, now: float) -> None:
-        pending = self.pending_logins
-        while pending and pending[0].login_deadline <= now:
-            conn = pending.popleft()
-            if not conn.logged_in and self.transport.is_open(conn):
-                self.transport.close(conn, "login_timeout")
-
     # ------------------------------------------------------------- loops
     def _generate_loop(self) -> None:
         """Shake and group envelopes, in ticks aligned to the wall clock."""
@@ -367,11 +315,10 @@ class SetWorker:
             self.commit()
 
     def _housekeeping_loop(self) -> None:
-        """Once a second: login timeouts, share expiry, fsync, history, gauges."""
+        """Once a second: share expiry, fsync, history, gauges."""
         while True:
             gevent.sleep(1.0 - time.time() % 1.0 + 0.005)
             now = time.time()
-            self._expire_logins(now)
             self.service.expire(now)
             self.commit()
             self.journal.sync()
