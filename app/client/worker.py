@@ -77,6 +77,12 @@ LOGIN_TIMEOUT = 10.0  # seconds from connect() to LOGIN_RESULT before we give up
 # machine, 1000 each was still 68k logins queued behind a server that accepts
 # ~7k/s, i.e. past the login timeout.
 MAX_IN_FLIGHT = 1000
+# Seconds the process sleeps after a batch of answers before polling again
+# (app.reactor): answers from many SETs arriving at different moments are
+# read in one wake-up. Measured at 200k connections, 17 hosts, 11 SETs,
+# 30,000/s: client wake-ups 13,238/s -> 2,613/s, 29.7 -> 21.2 µs a request;
+# latency is measured after the sleep, so it includes up to this much.
+COALESCE = 0.005
 MAX_CATCH_UP = 2  # seconds of missed ticks we still send (stamped with their own second)
 
 DOWN, CONNECTING, LOGGING_IN, READY = range(4)
@@ -138,7 +144,7 @@ class Worker:
         self.tokens = 0.0  # token bucket of connect attempts, burst of rate/10
         self.refilled = time.time()
         self.ready = 0
-        self.reactor = Reactor(self._dispatch)
+        self.reactor = Reactor(self._dispatch, coalesce=COALESCE)
         self.wake = Event()
         self.stdin = sys.stdin.fileno() if control_fd is None else control_fd
         self.ctl_buf = b""
