@@ -32,8 +32,9 @@ class Row:
     faults: int = 0  # faults injected (kills, restarts, corruptions, dead daemons)
     bad_inputs: int = 0  # hostile connections/frames/requests tried
     survived: str = ""  # connections that survived, e.g. "200/200"
-    lost: int | None = 0  # requests of well-behaved clients left unanswered (None: none ran)
-    ledger_diff: int = 0  # |generated - granted - waiting - expired| (count + amount)
+    # None: not measured by the scenario (shown as "-"), never a figure put in by hand
+    lost: int | None = None  # requests of well-behaved clients left unanswered
+    ledger_diff: int | None = None  # |generated - granted - waiting - expired| (count + amount)
     figures: dict[str, object] = field(default_factory=dict)
 
 
@@ -56,7 +57,7 @@ def render(rows: list[Row]) -> str:
     head = ("scenario", "faults", "bad inputs", "survived", "lost", "ledger diff")
     body = [(r.scenario, str(r.faults), str(r.bad_inputs), r.survived or "-",
              "-" if r.lost is None else str(r.lost),
-             str(r.ledger_diff)) for r in rows]
+             "-" if r.ledger_diff is None else str(r.ledger_diff)) for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
 
     def line(cells: tuple[str, ...]) -> str:
@@ -66,11 +67,13 @@ def render(rows: list[Row]) -> str:
     out += [line(b) for b in body]
     total = (f"TOTAL: faults {sum(r.faults for r in rows)}, bad inputs "
              f"{sum(r.bad_inputs for r in rows)}, lost {sum(r.lost or 0 for r in rows)}, "
-             f"ledger diff {sum(r.ledger_diff for r in rows)}")
+             f"ledger diff {sum(r.ledger_diff or 0 for r in rows)}")
     out += [line(tuple("-" * w for w in widths)), total,
             "lost: requests of well-behaved clients never answered, outside a fault's own "
             "in-flight requests (those are in the figures as in_flight_lost)",
-            "ledger diff: |generated - granted - waiting - expired|, count + amount", "",
+            "ledger diff: |generated - granted - waiting - expired|, count + amount",
+            "-: the scenario does not measure it (no load of well-behaved clients, no ledger)",
+            "",
             "figures:"]
     for r in rows:
         if r.figures:

@@ -177,7 +177,8 @@ def test_torn_tail_is_dropped_and_the_set_boots_with_its_ledger_exact(start_serv
     assert final["balanced"] and final["bucket"]["count"] == 0
     assert final["granted"]["count"] == final["generated"]["count"]
     record(Row("journal: torn tail (half record / cut record)", faults=2,
-               survived="2/2 SETs booted", ledger_diff=ledger_diff(final),
+               survived=f"{again.get('/health')['sets_alive']}/2 SETs booted",
+               ledger_diff=ledger_diff(final),
                figures={"torn_bytes": [len(half), last_size - last_size // 2],
                         "granted_before": len(granted), "granted_after": len(rest)}))
 
@@ -218,7 +219,7 @@ def test_corrupted_journal_is_refused_and_reported(start_server, tmp_path):
     stats = again.stats(audit=True)
     assert stats["ledger"]["complete"] is False  # the sum says it misses SET 1
     record(Row("journal: corrupted middle record", faults=1, bad_inputs=1,
-               survived="1/2 SETs (refused one)",
+               survived=f"{health['sets_alive']}/2 SETs (refused {len(health['failed'])})",
                ledger_diff=ledger_diff(stats["ledger"]),
                figures={"refused_at_byte": offset, "health": health["status"]}))
 
@@ -242,6 +243,6 @@ def test_journal_with_a_campaign_the_settings_refuse_is_refused_at_boot(start_se
     time.sleep(1.0)
     assert server.get("/health")["restarts"] == 0  # refused once, not a crash loop
     record(Row("journal: replayed campaign refused by settings", faults=1, bad_inputs=1,
-               survived="1/2 SETs (refused one)",
+               survived=f"{health['sets_alive']}/2 SETs (refused {len(health['failed'])})",
                ledger_diff=ledger_diff(server.stats(audit=True)["ledger"]),
                figures={"refused_at_byte": offset}))

@@ -33,6 +33,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/timerfd.h>
@@ -434,6 +435,8 @@ static int client(int argc, char **argv) {
 }
 
 int main(int argc, char **argv) {
+    /* a bench killed outright must not leave its floor behind */
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
     if (argc >= 4 && !strcmp(argv[1], "server")) return server(atoi(argv[2]), argv[3]);
     if (argc >= 2 && !strcmp(argv[1], "client")) return client(argc, argv);
     fprintf(stderr, "usage: floor server PORT OUT | floor client PORT SOURCES FIRST COUNT "

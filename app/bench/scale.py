@@ -373,6 +373,8 @@ class ScaleRun:
                   if k.startswith(("protocol_error", "close.", "handoff.failed", "accept_"))}
         errors.update({f"client.{k}": totals[k] for k in ("connect_failures", "lost", "errors",
                                                            "reconnects") if k in totals})
+        # closed loop: asks skipped because that user's previous SHAKE was unanswered
+        errors["client.busy_skipped"] = totals.get("busy", 0)
         return {
             "phases": rows,
             **verdict(rows, ledger),

@@ -61,7 +61,7 @@ CLOCK_INTERVAL = 10.0  # seconds between clock-offset measurements
 STOP_TIMEOUT = 3.0  # seconds a worker has to exit after "stop" before it is killed
 COUNTERS = ("sent", "skipped", "answered", "claims_sent", "claims_granted", "claim_amount",
             "shake_amount", "logins", "reconnects", "connects", "connect_failures", "lost",
-            "errors", "ticks_skipped")
+            "errors", "ticks_skipped", "busy")
 
 
 class Child(Slot):
@@ -143,9 +143,14 @@ class Agent(Arbiter[Child]):
 
     def spawn(self, child: Child) -> subprocess.Popen:
         child.last, child.latency = {}, {}  # a restarted worker starts with no connections
+        known = len(self.timeline.changes)
         proc = subprocess.Popen(
             [sys.executable, "-m", "app.client.worker", json.dumps(self.spec(child))],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        for tick, order, qps in self.timeline.changes:  # a /qps taken while it was starting
+            if order >= known:
+                proc.stdin.write((json.dumps({"qps": qps, "tick": tick}) + "\n").encode())
+                proc.stdin.flush()
         gevent.spawn(self.read_reports, child, proc).name = f"reports-p{child.index}"
         log.info("worker p%d pid %d holds users %d-%d", child.index, proc.pid,
                  self.first + child.begin, self.first + child.end - 1)

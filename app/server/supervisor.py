@@ -151,7 +151,6 @@ class Supervisor(Arbiter[SetHandle]):
         while handle.proc is process and process.poll() is None:
             try:
                 self.ask(handle, {"op": "ping"}, timeout=2.0)
-                self.seen(handle)
                 handle.ready.set()
                 return
             except (OSError, ValueError, gevent.Timeout):
@@ -171,7 +170,6 @@ class Supervisor(Arbiter[SetHandle]):
             def ping(handle: SetHandle) -> None:
                 try:
                     self.ask(handle, {"op": "ping"}, timeout=HEARTBEAT_TIMEOUT)
-                    self.seen(handle)
                 except (OSError, ValueError, gevent.Timeout):
                     pass
 
@@ -198,6 +196,7 @@ class Supervisor(Arbiter[SetHandle]):
                     raise OSError(f"SET {handle.set_id} closed its control socket")
                 answer = json.loads(line)
                 if answer.pop("seq", seq) == seq:
+                    self.seen(handle)  # any answer is a sign of life, not only a ping's
                     return answer
 
     def ask_all(self, make_request: Any) -> list[dict | None]:
