@@ -530,8 +530,9 @@ def main(argv: list[str] | None = None) -> int:
         verify_seconds=args.verify_seconds, tolerance=args.tolerance, group_qps=args.group_qps,
         ramp_attempts=args.ramp_attempts,
         start_timeout=600)
-    run_dir = args.run_dir or REPO_ROOT / "runs" / time.strftime("fleet-%Y%m%dT%H%M%SZ",
-                                                                 time.gmtime())
+    # Absolute: the playbooks write into it from their own directory.
+    run_dir = (args.run_dir or REPO_ROOT / "runs" / time.strftime("fleet-%Y%m%dT%H%M%SZ",
+                                                                  time.gmtime())).resolve()
     fleet = None
     inventory = (args.inventory / "hosts.yml") if args.inventory else DEFAULT_INVENTORY
     if args.local:
