@@ -12,12 +12,12 @@ done by parts of one job each:
 - ``ledger`` + ``journal``: the money and its write-ahead record.
 
 How a connection flows: any SET may accept it (SO_REUSEPORT spreads
-accepts); the accepting SET's ``LoginServer`` (``accept``, a gevent
-StreamServer) reads the LOGIN in a short-lived greenlet, then the socket
-goes to this SET's reactor or, if the user belongs to another SET, with the
-bytes read after the LOGIN to the owner's inbox. The owner serves it for
-its lifetime. No greenlet per logged-in connection: every socket sits in
-the SET's epoll set (``app.reactor``).
+accepts) through its ``Acceptor`` (``accept``, a gevent StreamServer) and
+reads the LOGIN in its reactor through the connection's session; if the
+user belongs to another SET the socket goes, with the bytes read after the
+LOGIN, to the owner's inbox. The owner serves it for its lifetime. No
+greenlet per connection: every socket sits in the SET's epoll set
+(``app.reactor``).
 
 "Journal, then answers" has one owner, ``SetWorker.commit``: after every
 reactor batch, generation tick and control change it writes the journal
@@ -45,6 +45,7 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 
 import gevent
 from gevent import socket as gsocket
@@ -54,7 +55,7 @@ from app import settings
 from app.metrics import system as sysmetrics
 from app.metrics.statsd import Metrics
 from app.reactor import READ_WRITE, WRITE, Reactor, read_some
-from app.server.accept import LoginServer
+from app.server.accept import Acceptor
 from app.server.handoff import READ_SIZE, HandoffRouter
 from app.server.journal import (
     MAGIC,
@@ -78,6 +79,9 @@ EXIT_BOOT_ERROR = 3  # the supervisor does not restart a SET that cannot boot
 EXIT_RESTART = 75  # stopped on a failed journal write or a run-time limit: restart me
 
 
+LoggedIn = p.LoggedIn  # a module name: looked up once per read on the hot path
+
+
 class SetHalt(Exception):
     """Stop this SET now and exit with ``EXIT_RESTART`` (the message says why)."""
 
@@ -95,6 +99,7 @@ class SetWorker:
         self.control_fd = control_fd
         self.config = config
         self.stats = SetStats()
+        self.pending_logins: deque[Conn] = deque()  # in accept (= deadline) order
         self.stopping = False
         self.halted = False  # a journal write failed: no answer may go out any more
 
@@ -116,8 +121,7 @@ class SetWorker:
         # (at most 500 a second; app.reactor); kept under the 10 ms loop-lag budget
         self.reactor = Reactor(self._dispatch, self.commit, coalesce=0.002)
         count = self.stats.count
-        self.login_server = LoginServer(self.listener, self.config["login_timeout"],
-                                        self._on_login, self._count_protocol_error, count)
+        self.acceptor = Acceptor(self.listener, self._on_accept, count)
         self.transport = Transport(self.reactor, count)
         self.router = HandoffRouter(self.reactor, self.inbox_fd, self.outbox_fds, count)
         self.service = Service(self.set_id, self.sets, self.config, self.ledger, self.transport,
@@ -177,7 +181,7 @@ class SetWorker:
         gevent.signal_handler(signal.SIGTERM, self.stop)
         self.metrics.start()
         self.loop_lag.start()
-        self.login_server.start()
+        self.acceptor.start()
         greenlets = [
             self.reactor.start(),
             gevent.spawn(self._generate_loop),
@@ -204,7 +208,7 @@ class SetWorker:
                 self.commit()
                 self.journal.sync()
         finally:
-            self.login_server.stop(timeout=0)  # closes the listener, ends pending logins
+            self.acceptor.stop(timeout=0)  # closes the listener
             self.transport.close_all()
             self.metrics.stop()
 
@@ -246,38 +250,57 @@ class SetWorker:
                 transport.writable(conn)
             if data:  # _on_data, inlined: this is the path of nearly every request
                 try:
-                    serve(conn, conn.receive(data), second)
+                    requests = conn.receive(data)
+                    if requests and type(requests[0]) is LoggedIn:
+                        self._route_login(conn, second)
+                    else:
+                        serve(conn, requests, second)
                 except p.ProtocolError as exc:
                     self._protocol_error(conn, exc)
 
     def _on_data(self, conn: Conn, data: bytes, second: int) -> None:
-        """Bytes from a logged-in connection: its session's events, served."""
+        """Bytes from a connection: its session's events, served (or its LOGIN routed)."""
         try:
-            self.service.serve(conn, conn.receive(data), second)
+            requests = conn.receive(data)
         except p.ProtocolError as exc:
             self._protocol_error(conn, exc)
+            return
+        if requests and type(requests[0]) is LoggedIn:  # the session stops right after it
+            self._route_login(conn, second)
+        else:
+            self.service.serve(conn, requests, second)
 
     def _protocol_error(self, conn: Conn, exc: p.ProtocolError) -> None:
-        self._count_protocol_error(exc.reason)
+        self.stats.count("protocol_errors")
+        self.stats.count("protocol_error." + exc.reason)
+        self.metrics.incr("protocol_errors")
         self.transport.close(conn, "protocol_error")
 
-    def _count_protocol_error(self, reason: str) -> None:
-        self.stats.count("protocol_errors")
-        self.stats.count("protocol_error." + reason)
-        self.metrics.incr("protocol_errors")
+    def _on_accept(self, fd: int) -> None:
+        """A new descriptor from the Acceptor: in the reactor until its LOGIN or deadline."""
+        conn = Conn(fd, time.time() + self.config["login_timeout"])
+        os.set_blocking(fd, False)
+        self.transport.add(conn)
+        self.pending_logins.append(conn)
+        self.stats.count("accepted")
 
-    def _on_login(self, conn: Conn) -> None:
-        """A connection the LoginServer logged in: serve it here, or pass it to its owner."""
+    def _route_login(self, conn: Conn, second: int) -> None:
         owner = conn.userid % self.sets
         if owner != self.set_id:
+            self.transport.detach(conn)
             self.router.send(owner, conn.fd, conn.userid, conn.take_buffered())
             return
-        second = int(time.time())
-        self.transport.add(conn)
         self._logged_in(conn, second)
-        if conn.buffered:
+        if conn.buffered and self.transport.is_open(conn):
             self._on_data(conn, b"", second)
-        self.commit()
+
+    def _expire_logins(self, now: float) -> None:
+        """Close the connections whose LOGIN deadline (their session's) has passed."""
+        pending = self.pending_logins
+        while pending and pending[0].login_deadline <= now:
+            conn = pending.popleft()
+            if not conn.logged_in and self.transport.is_open(conn):
+                self.transport.close(conn, "login_timeout")
 
     def _logged_in(self, conn: Conn, second: int) -> None:
         self.transport.log_in(conn)
@@ -315,10 +338,11 @@ class SetWorker:
             self.commit()
 
     def _housekeeping_loop(self) -> None:
-        """Once a second: share expiry, fsync, history, gauges."""
+        """Once a second: login deadlines, share expiry, fsync, history, gauges."""
         while True:
             gevent.sleep(1.0 - time.time() % 1.0 + 0.005)
             now = time.time()
+            self._expire_logins(now)
             self.service.expire(now)
             self.commit()
             self.journal.sync()
