@@ -1,0 +1,83 @@
+"""The local-fleet runner's process handling: deadlines on ready lines, stop by PID then group.
+
+Small real processes (``python -c``), no servers: a child that never prints its
+ready line, or prints half a line and hangs, cannot hang the caller; a child
+that ignores SIGTERM and leaves a grandchild behind is gone after ``stop``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+
+import pytest
+
+from app.local.procs import stop_group
+from app.local.runner import Service
+
+READY = re.compile(r"^ready (\d+)")
+
+
+def python(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("code", [
+    "import time; time.sleep(60)",  # silent
+    "import sys, time; sys.stdout.write('rea'); sys.stdout.flush(); time.sleep(60)",  # half
+    "print('not the line', flush=True); import time; time.sleep(60)",  # another line
+])
+def test_a_child_without_its_ready_line_fails_within_the_deadline_and_is_stopped(tmp_path,
+                                                                                  code):
+    service = Service("silent", python(code), tmp_path / "silent.log", READY)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="did not start within 1s"):
+        service.start(timeout=1.0)
+    assert time.monotonic() - started < 1.0 + 10.0  # the deadline, plus the stop's own wait
+    assert service.exited() is not None
+
+
+def test_lines_after_the_ready_line_are_read_under_a_deadline_too(tmp_path):
+    code = ("import sys, time; print('ready 7', flush=True); print('one', flush=True); "
+            "sys.stdin.readline(); print('two', flush=True); time.sleep(60)")
+    service = Service("talker", python(code), tmp_path / "talker.log", READY, stdin=True)
+    try:
+        assert service.start(timeout=10).group(1) == "7"
+        assert service.read_line(5) == "one"
+        assert service.read_line(0.3) is None  # it waits for us: no line, no hang
+        service.send_line("go")
+        assert service.read_line(5) == "two"
+    finally:
+        service.stop()
+    assert service.exited() is not None
+
+
+def test_stop_group_kills_a_child_that_ignores_sigterm_and_its_grandchild(tmp_path):
+    pidfile = tmp_path / "grandchild.pid"
+    code = ("import os, signal, subprocess, sys, time; "
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            f"open({str(pidfile)!r}, 'w').write(str(p.pid)); "
+            "print('ready 1', flush=True); time.sleep(60)")
+    service = Service("stubborn", python(code), tmp_path / "stubborn.log", READY)
+    service.start(timeout=10)
+    grandchild = int(pidfile.read_text())
+    assert alive(service.pid) and alive(grandchild)
+    code = stop_group(service.proc, timeout=0.5, name="stubborn")
+    assert code == -9  # SIGTERM ignored: SIGKILL of the group after the timeout
+    deadline = time.monotonic() + 5
+    while alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(grandchild)
+    assert stop_group(service.proc, timeout=0.5) == -9  # safe to call twice
+    assert os.getpgid(os.getpid()) != service.pid  # we never were in its group
