@@ -70,9 +70,13 @@ report: $(STAMP)
 
 ## The fleet (README "Running on a fleet"): the Ansible controller in the venv,
 ## local test hosts in network namespaces (root), lint, any playbook against them:
-##   make fleet-up HOSTS=3; make fleet-run PLAYBOOK=ramp-qps.yml ARGS="-e qps=300"; make fleet-down
-.PHONY: fleet-install fleet-up fleet-down fleet-status fleet-run fleet-lint
-HOSTS ?= 3
+##   make fleet-up; make fleet-run PLAYBOOK=ramp-qps.yml ARGS="-e qps=300"; make fleet-down
+## The whole classic experiment on 19 local test hosts (root), or on a fleet:
+##   make fleet-experiment [ARGS="--connections 1000 --rates 3000,6000 --hold 30"]
+##   make fleet-experiment FLEET_INVENTORY=fleet/inventory/production
+.PHONY: fleet-install fleet-up fleet-down fleet-status fleet-run fleet-lint fleet-experiment
+CLIENTS ?= 17
+FLEET_INVENTORY ?=
 
 $(FLEET_STAMP): $(STAMP) requirements-fleet.txt
 	$(VENV)/bin/pip install --quiet -r requirements-fleet.txt
@@ -81,7 +85,7 @@ $(FLEET_STAMP): $(STAMP) requirements-fleet.txt
 fleet-install: $(FLEET_STAMP)
 
 fleet-up: $(FLEET_STAMP)
-	$(PY) -m fleet.local up --hosts $(HOSTS)
+	$(PY) -m fleet.local up --clients $(CLIENTS)
 
 fleet-down:
 	$(PY) -m fleet.local down
@@ -91,6 +95,9 @@ fleet-status:
 
 fleet-run: $(FLEET_STAMP)
 	$(PY) -m fleet.local run $(PLAYBOOK) $(ARGS)
+
+fleet-experiment: $(FLEET_STAMP)
+	$(PY) -m fleet.experiment $(if $(FLEET_INVENTORY),--inventory $(FLEET_INVENTORY),--local --clients $(CLIENTS)) $(ARGS)
 
 fleet-lint: $(FLEET_STAMP)
 	cd fleet && PATH=$(CURDIR)/$(VENV)/bin:$$PATH ANSIBLE_CONFIG=ansible.cfg ansible-lint

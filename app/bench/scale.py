@@ -573,6 +573,10 @@ def inner(args: settings.Config) -> int:
         run.fleet.stop()
     result.update(run.figures)
     attach_floor(result)
+    if result.get("stopped_by"):  # a run cut short passes nothing, whatever its phases did
+        result["passed"] = False
+        result["reasons"] = [*result.get("reasons", []),
+                             f"stopped early: {result['stopped_by']}"]
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     if (run_dir / "seconds.jsonl").exists():
         try:

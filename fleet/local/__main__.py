@@ -2,7 +2,8 @@
 
 Usage (as root, from the repository root)::
 
-    python -m fleet.local up --hosts 3       # h1 = server, the rest clients
+    python -m fleet.local up                 # 19 hosts: h1 server, h2-h18 clients, h19 monitor
+    python -m fleet.local up --clients 2 --monitors 0   # a 3-host toy
     python -m fleet.local status
     python -m fleet.local run deploy.yml     # ansible-playbook against them
     python -m fleet.local run ramp-qps.yml -e qps=300
@@ -97,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="root filesystem cache (env HONGBAO_FLEET_CACHE)")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="create the test hosts and write the local inventory")
-    up.add_argument("--hosts", type=int, default=3)
+    up.add_argument("--clients", type=int, default=17,
+                    help="client hosts (17, the production shape)")
+    up.add_argument("--monitors", type=int, default=1, choices=(0, 1),
+                    help="monitor hosts (1: statsd/Graphite on the last host)")
     sub.add_parser("down", help="remove every namespace, link, process and file of the hosts")
     sub.add_parser("status", help="one line per host: alive, ssh, processes")
     build = sub.add_parser("rootfs", help="build the cached root filesystem and apt repo")
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                   inventory=args.inventory, cache=args.cache)
     if args.command == "up":
         try:
-            fleet.up(args.hosts)
+            fleet.up(args.clients, args.monitors)
         except BaseException:
             fleet.down(quiet=True)
             raise

@@ -122,6 +122,8 @@ class Fleet:
     cache: Path = rootfs.DEFAULT_CACHE
     hosts: list[Host] = field(default_factory=list)
     apt_pid: int = 0
+    #: How many of the last hosts form group ``monitor`` (h1 is the server).
+    monitors: int = 0
 
     # -- naming -------------------------------------------------------------
     @property
@@ -154,12 +156,16 @@ class Fleet:
         )
 
     # -- up -----------------------------------------------------------------
-    def up(self, count: int) -> None:
-        if count < 1 or count > 200:
-            raise SystemExit("--hosts must be between 1 and 200")
+    def up(self, clients: int = 17, monitors: int = 1) -> None:
+        """The production shape: h1 the server, then ``clients`` client hosts, then
+        ``monitors`` monitor hosts (default 1 + 17 + 1 = 19 hosts)."""
+        if clients < 1 or monitors < 0 or clients + monitors > 199:
+            raise SystemExit("--clients must be 1 or more and at most 199 hosts in all")
+        count = 1 + clients + monitors
         if len(self.bridge) > 15 or len(self.host(count).veth) > 15:
             raise SystemExit(f"name {self.name!r} is too long for interface names")
         self.down(quiet=True)
+        self.monitors = monitors
         self._check_subnet_free()
         lower = rootfs.build(self.cache)
         started = time.monotonic()
@@ -293,7 +299,9 @@ class Fleet:
     # -- inventory ------------------------------------------------------------
     def write_inventory(self) -> None:
         """The generated part of fleet/inventory/local: hosts, groups, how to reach them."""
-        server, clients = self.hosts[0], self.hosts[1:]
+        server = self.hosts[0]
+        cut = len(self.hosts) - self.monitors
+        clients, monitors = self.hosts[1:cut], self.hosts[cut:]
         ssh_args = (
             "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
             "-o IdentitiesOnly=yes -o LogLevel=ERROR"
@@ -313,7 +321,9 @@ class Fleet:
                     "clients": {
                         "hosts": {h.name: {"ansible_host": h.address} for h in clients}
                     },
-                    "monitor": {"hosts": {}},
+                    "monitor": {
+                        "hosts": {h.name: {"ansible_host": h.address} for h in monitors}
+                    },
                 },
             }
         }
@@ -329,6 +339,7 @@ class Fleet:
             "name": self.name,
             "subnet": self.subnet,
             "apt_pid": self.apt_pid,
+            "monitors": self.monitors,
             "hosts": [h.as_dict() for h in self.hosts],
         }
         tmp = self.state_file.with_suffix(".tmp")
@@ -341,10 +352,17 @@ class Fleet:
         data = json.loads(self.state_file.read_text())
         self.subnet = data.get("subnet", self.subnet)
         self.apt_pid = data.get("apt_pid", 0)
+        self.monitors = data.get("monitors", 0)
         self.hosts = [Host(**h) for h in data.get("hosts", [])]
         return True
 
     # -- status ---------------------------------------------------------------
+    def group(self, host: Host) -> str:
+        """The inventory group of a host: server, clients or monitor."""
+        if host.index == 1:
+            return "server"
+        return "monitor" if host.index > len(self.hosts) - self.monitors else "clients"
+
     def status(self) -> list[dict]:
         self.load()
         rows = []
@@ -356,7 +374,8 @@ class Fleet:
                     ssh_ok = conn.recv(64).startswith(b"SSH-")
             except OSError:
                 pass
-            rows.append({"name": host.name, "address": host.address, "pid": host.pid,
+            rows.append({"name": host.name, "group": self.group(host), "address": host.address,
+                         "pid": host.pid,
                          "alive": _alive(host.pid), "ssh": ssh_ok,
                          "processes": len(_pids_in_netns(host.netns))})
         return rows
@@ -397,6 +416,7 @@ class Fleet:
         self.inventory.unlink(missing_ok=True)
         self.hosts = []
         self.apt_pid = 0
+        self.monitors = 0
 
 
 def _alive(pid: int) -> bool:

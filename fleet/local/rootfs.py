@@ -5,9 +5,10 @@ kind, ~200 MB after cleaning) from the mirror this machine's own apt sources
 name (never a hard-coded one), then reused by every ``up`` until the package
 lists below change.  Next to it sits a small flat apt repository holding the
 packages the roles install *on top of* the base (``python3-venv`` and its
-dependencies, ``ethtool``), so that ``ansible.builtin.apt`` really installs
-something on the test hosts although they have no route out: ``up`` serves
-that directory over HTTP on the bridge address.
+dependencies, ``ethtool``, the monitor host's ``nodejs`` and ``libcairo2``),
+so that ``ansible.builtin.apt`` really installs something on the test hosts
+although they have no route out: ``up`` serves that directory over HTTP on
+the bridge address.
 
 Run on its own to (re)build the cache::
 
@@ -40,8 +41,10 @@ BASE_PACKAGES = (
     "ca-certificates",
 )
 
-#: What the roles install on top, served from the local flat repository.
-REPO_PACKAGES = ("python3-venv", "ethtool")
+#: What the roles install on top, served from the local flat repository:
+#: the app's venv support and packet counters on every host, and on the
+#: monitor host Node.js (statsd) and cairo (graphite-web's renderer).
+REPO_PACKAGES = ("python3-venv", "ethtool", "nodejs", "libcairo2")
 
 DEFAULT_CACHE = Path(os.environ.get("HONGBAO_FLEET_CACHE", "/var/cache/hongbao-fleet"))
 

@@ -9,9 +9,19 @@
   hosts' Python and platform (``pip download --only-binary``), so hosts
   without a route to a package index (test hosts, firewalled fleets) install
   with ``pip install --no-index --find-links``.  Built once per
-  requirements/target combination.
+  requirements/target combination;
+* with ``--monitor``, what the monitor host needs for ``python -m
+  monitor.stack install`` without a registry: ``monitor-wheels-<key>.tar``
+  (``pip wheel`` of monitor/requirements.txt: carbon, whisper and
+  graphite-web are published as sources only, so they are built here, with
+  GRAPHITE_NO_PREFIX=1 as the stack's own install does) and
+  ``statsd-<key>.tar`` (the ``node_modules`` tree ``npm ci`` makes from
+  monitor/package-lock.json, with the stamp that tells the stack it is
+  installed).  The wheels are for the controller's Python, which must be the
+  hosts' (``--python-version``).
 
-Prints one JSON line: ``{"changed": bool, "src": NAME, "wheels": NAME}``.
+Prints one JSON line: ``{"changed": bool, "src": NAME, "wheels": NAME}``
+(plus ``"monitor_wheels"`` and ``"statsd"`` with ``--monitor``).
 Run by fleet/roles/app (delegated to the controller, once per play)::
 
     python3 bundle.py --source REPO --out DIR [--python-version 3.11] [--platform TAG ...]
@@ -123,6 +133,60 @@ def build_wheels(source: Path, out: Path, args: argparse.Namespace) -> tuple[str
     return name, True
 
 
+def tree_entries(root: Path, prefix: str) -> list[tuple[str, bytes, int]]:
+    """Every file under root as (prefix/relative name, data, mode), sorted."""
+    entries = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
+        mode = 0o755 if os.access(path, os.X_OK) else 0o644
+        entries.append((f"{prefix}/{path.relative_to(root)}", path.read_bytes(), mode))
+    return entries
+
+
+def build_monitor_wheels(source: Path, out: Path, args: argparse.Namespace) -> tuple[str, bool]:
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if here != args.python_version:
+        raise SystemExit(f"--monitor builds wheels for this Python ({here}); the hosts run "
+                         f"{args.python_version}: run the controller with Python "
+                         f"{args.python_version}")
+    requirements = (source / "monitor" / "requirements.txt").read_bytes()
+    key = hashlib.sha256(requirements + here.encode()).hexdigest()[:12]
+    name = f"monitor-wheels-{key}"
+    if (out / f"{name}.tar").exists():
+        return name, False
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        subprocess.run(
+            [args.pip_python, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check",
+             "-r", str(source / "monitor" / "requirements.txt"), "-w", tmp],
+            check=True, stdout=sys.stderr, env={**os.environ, "GRAPHITE_NO_PREFIX": "1"},
+        )
+        entries = [(p.name, p.read_bytes(), 0o644) for p in sorted(Path(tmp).glob("*.whl"))]
+    write_once(out / f"{name}.tar", reproducible_tar(entries))
+    return name, True
+
+
+def build_statsd_tree(source: Path, out: Path) -> tuple[str, bool]:
+    lock = (source / "monitor" / "package-lock.json").read_bytes()
+    name = f"statsd-{hashlib.sha256(lock).hexdigest()[:12]}"
+    if (out / f"{name}.tar").exists():
+        return name, False
+    npm = shutil.which("npm")
+    if npm is None:
+        raise SystemExit("--monitor needs npm on the controller (Debian: nodejs npm)")
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        for manifest in ("package.json", "package-lock.json"):
+            shutil.copy(source / "monitor" / manifest, tmp)
+        # As monitor.stack installs it: no optional (native) deps, no scripts.
+        subprocess.run([npm, "ci", "--omit=optional", "--ignore-scripts", "--no-audit",
+                        "--no-fund", "--loglevel=error"], cwd=tmp, check=True, stdout=sys.stderr)
+        modules = Path(tmp) / "node_modules"
+        # monitor.stack skips `npm ci` when this stamp holds the lock file's digest.
+        (modules / ".hongbao-installed").write_text(hashlib.sha256(lock).hexdigest())
+        (modules / ".package-lock.json").unlink(missing_ok=True)  # npm's own, time-stamped
+        entries = tree_entries(modules, "node_modules")
+    write_once(out / f"{name}.tar", reproducible_tar(entries))
+    return name, True
+
+
 def prune(out: Path, prefix: str, keep: str) -> None:
     old = sorted(out.glob(f"{prefix}-*.tar"), key=lambda p: p.stat().st_mtime, reverse=True)
     for path in old[KEEP:]:
@@ -140,6 +204,8 @@ def main() -> int:
     parser.add_argument("--exclude", action="append", default=[],
                         help="distribution in requirements.txt the hosts do not need")
     parser.add_argument("--pip-python", default=sys.executable)
+    parser.add_argument("--monitor", action="store_true",
+                        help="also the monitor host's wheelhouse and statsd tree")
     args = parser.parse_args()
     args.platform = args.platform or [
         "manylinux_2_36_x86_64", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64",
@@ -150,8 +216,17 @@ def main() -> int:
     wheels, wheels_changed = build_wheels(args.source.resolve(), args.out, args)
     prune(args.out, "src", src)
     prune(args.out, "wheels", wheels)
+    result = {"changed": src_changed or wheels_changed, "src": src, "wheels": wheels}
+    if args.monitor:
+        source = args.source.resolve()
+        monitor_wheels, mw_changed = build_monitor_wheels(source, args.out, args)
+        statsd, statsd_changed = build_statsd_tree(source, args.out)
+        prune(args.out, "monitor-wheels", monitor_wheels)
+        prune(args.out, "statsd", statsd)
+        result.update(changed=result["changed"] or mw_changed or statsd_changed,
+                      monitor_wheels=monitor_wheels, statsd=statsd)
     shutil.rmtree(args.out / "tmp", ignore_errors=True)
-    print(json.dumps({"changed": src_changed or wheels_changed, "src": src, "wheels": wheels}))
+    print(json.dumps(result))
     return 0
 
 
