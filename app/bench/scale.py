@@ -47,7 +47,7 @@ from app.bench import cpu, floor
 from app.bench.cpu import rss_bytes, tree
 from app.client.histogram import Histogram
 from app.local import netns
-from app.local.runner import LocalFleet, get_json, progress
+from app.local.runner import ROOT, LocalFleet, get_json, progress
 from app.local.summary import (
     Phase,
     build_seconds,
@@ -61,7 +61,6 @@ from app.local.summary import (
 
 log = logging.getLogger("hongbao.scale")
 
-ROOT = Path(__file__).resolve().parents[2]
 # Connections per source address. connect() searches one half of the port
 # range first for a free 4-tuple to the one server address: measured, a client
 # worker stalled for 10 s at ~14k connections per address on the default range.

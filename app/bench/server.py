@@ -107,6 +107,9 @@ def bench_server(args: settings.Config) -> dict:
         with process("server", cmd, SERVER_READY.pattern, work) as (_, match):
             port, control = int(match.group(1)), f"{match.group(2)}:{match.group(3)}"
             set_pid = get_json(control, "/stats")["per_set"][0]["pid"]
+            if args.grant:  # a supply to match the offer: every batch journals its grants
+                supply = int(args.qps * (args.seconds + 60))
+                get_json(control, f"/yaohongbao?qps={args.qps}&sum={supply}")
             results["hongbao SET"] = measure(port, [set_pid], args, work)
         cmd = [sys.executable, "-m", "app.bench.baseline", "--port", "0"]
         with process("baseline", cmd, r"port=(\d+)", work) as (baseline, match):
@@ -163,7 +166,8 @@ def print_table(results: dict, args: settings.Config) -> None:
             "p50_ms", "p99_ms", "rss_empty_mb"]
     print(f"\nserver benchmark: {args.connections} connections, {args.qps} shakes/s offered, "
           f"{args.seconds:g} s, one process each, load from a separate process, "
-          f"journal durability {args.durability}")
+          f"journal durability {args.durability}"
+          f"{', every shake granted an envelope' if args.grant else ''}")
     floor = syscall_floor()
     print(f"syscall floor (read 16 B + write 28 B on loopback, no logic): "
           f"{floor['cpu_us_per_shake']} us per shake")
