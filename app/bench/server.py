@@ -16,7 +16,6 @@ absolute figures do not.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 import psutil
 
 from app import settings
+from app.bench.floor import syscall_floor
 from app.local.runner import SERVER_READY, Service, get_json, server_command
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,47 +118,6 @@ def bench_server(args: settings.Config) -> dict:
     return results
 
 
-def syscall_floor(pairs: int = 500, rounds: int = 40) -> dict:
-    """CPU of the two syscalls a shake costs any server here: read 16 B, write 28 B.
-
-    No logic at all, loopback TCP, measured in this process: what a
-    zero-overhead server would pay per shake on this machine (the kernel
-    delivers a loopback write into the peer's socket inside the writer's
-    syscall, so ``write`` carries most of it).
-    """
-    import resource
-    import socket
-
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(pairs)
-    clients, servers = [], []
-    for _ in range(pairs):
-        c = socket.create_connection(listener.getsockname())
-        s, _ = listener.accept()
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        clients.append(c)
-        servers.append(s)
-    request, answer = b"r" * 16, b"a" * 28
-    spent = 0.0
-    try:
-        for _ in range(rounds):
-            for c in clients:
-                os.write(c.fileno(), request)
-            before = resource.getrusage(resource.RUSAGE_SELF)
-            for s in servers:
-                os.read(s.fileno(), 4096)
-                os.write(s.fileno(), answer)
-            after = resource.getrusage(resource.RUSAGE_SELF)
-            spent += (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-            for c in clients:
-                os.read(c.fileno(), 4096)
-    finally:
-        for sock in (*clients, *servers, listener):
-            sock.close()
-    return {"cpu_us_per_shake": round(spent / (pairs * rounds) * 1e6, 2)}
-
-
 def print_table(results: dict, args: settings.Config) -> None:
     names = list(results)
     rows = ["connections", "bytes_per_connection", "cpu_us_per_shake", "user_us_per_shake",
@@ -185,22 +144,11 @@ def print_table(results: dict, args: settings.Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m app.bench server|scale ...`` (settings: tables [server_bench], [scale])."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["scale"]:
-        from app.bench import scale as bench_scale
-
-        return bench_scale.main(argv[1:])
-    if argv[:1] != ["server"]:
-        sys.stderr.write("usage: python -m app.bench {server,scale} [--help | settings ...]\n")
-        return 2
-    args = settings.parse("server_bench", argv[1:], description=__doc__.splitlines()[0])
+    """``python -m app.bench server ...`` (settings: table [server_bench])."""
+    args = settings.parse("server_bench", sys.argv[1:] if argv is None else argv,
+                          description=__doc__.splitlines()[0])
     results = bench_server(args)
     print_table(results, args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
