@@ -28,9 +28,10 @@ test: $(STAMP) $(FLEET_STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
 ## The fast tier (under a minute): lint and the pure tests (codec, session, ledger and
-## journal, schedule, settings), no servers or agents started.
+## journal, schedule, settings, the SET's parts), no servers or agents started.
 CHECK_TESTS := tests/test_protocol.py tests/test_session.py tests/test_journal.py \
-	tests/test_schedule.py tests/test_settings.py tests/test_process_model.py
+	tests/test_schedule.py tests/test_settings.py tests/test_process_model.py \
+	tests/test_set_parts.py
 check: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "not processes and not slow and not fleet" $(CHECK_TESTS) $(ARGS)

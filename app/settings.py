@@ -244,6 +244,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("qps", _positive, "50000", "SHAKEs per second offered", BS),
     Setting("seconds", _seconds, "10", "seconds of load", BS),
     Setting("json", str, "", "also write the results to this file", BS),
+    Setting("grant", _bool, "no", "shakes get envelopes (a campaign at the offered rate), so "
+            "every batch writes the journal: what --durability costs", BS),
     # --- client bench (python -m app.bench.client): one agent against a real server
     Setting("users", _positive, "19000", "users (connections) of the agent", BC),
     Setting("qps", _int_list, "8000,15000", "rates to measure, comma separated", BC),

@@ -15,52 +15,31 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
 from math import ceil
 
 import pytest
 
 from app.client.schedule import share
-from app.local.runner import CLIENT_READY, Service, client_command, get_json
-
-
-@dataclass
-class AgentHandle:
-    service: Service
-    api: str
-
-    def get(self, path: str) -> dict:
-        return get_json(self.api, path)
-
-    def wait_connected(self, n: int, timeout: float = 30.0) -> float:
-        started = time.time()
-        while time.time() - started < timeout:
-            if self.get("/health")["connections"] >= n:
-                return time.time() - started
-            time.sleep(0.2)
-        raise AssertionError(f"{self.get('/health')} after {timeout}s, wanted {n} connections")
+from tests.reliability import AgentProcess
 
 
 @pytest.fixture
 def agents(tmp_path):
     """Factory: ``agents(server, (first, last), host_index=0, hosts=1, qps=0, **flags)``."""
-    started: list[Service] = []
+    started: list[AgentProcess] = []
 
     def start(server, users: tuple[int, int], host_index: int = 0, hosts: int = 1,
-              qps: int = 0, **flags: object) -> AgentHandle:
-        cmd = client_command(server.port, users, [f"127.1.0.{host_index + 1}"],
-                             f"127.0.0.1:{server.control_port}", hosts=hosts,
-                             host_index=host_index, qps=qps, host_name=f"test{host_index}",
-                             **flags)
-        service = Service(f"client{host_index}", cmd,
-                          tmp_path / f"client{host_index}-{time.time_ns()}.log", CLIENT_READY)
-        started.append(service)
-        match = service.start()
-        return AgentHandle(service, f"{match.group(1)}:{match.group(2)}")
+              qps: int = 0, **flags: object) -> AgentProcess:
+        agent = AgentProcess(tmp_path / f"client{host_index}-{time.time_ns()}.log", server.port,
+                             users, qps, source=f"127.1.0.{host_index + 1}",
+                             server_control=f"127.0.0.1:{server.control_port}", hosts=hosts,
+                             host_index=host_index, host_name=f"test{host_index}", **flags)
+        started.append(agent)
+        return agent.start()
 
     yield start
-    for service in started:
-        service.stop()
+    for agent in started:
+        agent.stop()
 
 
 def sleep_until(t: float) -> None:

@@ -69,13 +69,20 @@ def agent_money(agent: AgentProcess, server: ServerProcess) -> dict:
     return stats
 
 
-def test_kill_9_of_one_set_with_the_agent_connected(start_server, start_agent):
+def under_load(start_server: Callable, start_agent: Callable, users: int,
+               **flags: object) -> tuple[ServerProcess, AgentProcess]:
+    """2 SETs generating envelopes, an agent with every user logged in sending 200/s."""
     server = start_server(sets=2)
     server.get("/yaohongbao?qps=100&sum=1000000")
-    agent = start_agent(server, (1, 400))
+    agent = start_agent(server, (1, users), **flags)
     agent.wait_connected()
     agent.get("/qps?qps=200")
     time.sleep(1.5)
+    return server, agent
+
+
+def test_kill_9_of_one_set_with_the_agent_connected(start_server, start_agent):
+    server, agent = under_load(start_server, start_agent, 400)
     victim = server.stats()["per_set"][1]["pid"]
     signal_at = time.time()
     os.kill(victim, signal.SIGKILL)
@@ -108,12 +115,7 @@ def test_kill_9_of_one_set_with_the_agent_connected(start_server, start_agent):
 
 def test_whole_server_restart_reconnects_at_a_bounded_rate(start_server, start_agent):
     users, rate = 1000, 2000
-    server = start_server(sets=2)
-    server.get("/yaohongbao?qps=100&sum=1000000")
-    agent = start_agent(server, (1, users), connect_rate=rate)
-    agent.wait_connected()
-    agent.get("/qps?qps=200")
-    time.sleep(1.5)
+    server, agent = under_load(start_server, start_agent, users, connect_rate=rate)
     assert server.terminate() == 0  # graceful: every SET flushes its journal
     down_at = time.time()
     again = start_server(sets=2, port=server.port)  # at once: the down time is its boot
@@ -244,12 +246,7 @@ def test_agent_killed_mid_run_connections_cleaned_and_shares_expire(start_server
 
 def test_kill_9_of_the_supervisor_sets_stop_by_themselves(start_server, start_agent):
     """No orphan SET keeps the port or its journal: each sees its control socket close."""
-    server = start_server(sets=2)
-    server.get("/yaohongbao?qps=100&sum=1000000")
-    agent = start_agent(server, (1, 200))
-    agent.wait_connected()
-    agent.get("/qps?qps=200")
-    time.sleep(1.5)
+    server, agent = under_load(start_server, start_agent, 200)
     pids = server.set_pids()
     os.kill(server.proc.pid, signal.SIGKILL)
 

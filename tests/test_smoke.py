@@ -78,6 +78,13 @@ def test_records_count_what_was_served_and_what_was_scheduled_apart():
     assert rows[0]["net"] == {"box": {"packets_in": 990.1, "packets_out": 990.1,
                                       "bytes_in": 79207.9, "bytes_out": 79207.9}}
     assert rows[2]["net"] == {}
+    # a missed snapshot: the rate over the longer interval, not a gap
+    hosts = [{"per_second": [{"second": T + i, "target": 0, "sent": 0, "answered": 0,
+                              "connections": 1} for i in range(3)]}]
+    polled = {T + i: {"time": T + i + 0.3, "net": {"box": {"packets_in": 1000 * i}}}
+              for i in (0, 2)}
+    gap = build_seconds({}, hosts, polled, T, T + 3)
+    assert [r["net"] for r in gap] == [{"box": {"packets_in": 1000.0}}] * 2 + [{}]
     assert rows[1]["envelopes_generated"] == 1 and rows[2]["group_claimed"] == 2
     assert rows[0]["latency_p50_ms"] == pytest.approx(40.0, rel=0.07)
 

@@ -1,7 +1,7 @@
-"""``python -m app.bench server|scale``: see ``app.bench.server`` and ``app.bench.scale``."""
+"""``python -m app.bench server|scale``: see ``app.bench.cli``."""
 
 import sys
 
-from app.bench.server import main
+from app.bench.cli import main
 
 sys.exit(main())

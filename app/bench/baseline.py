@@ -1,9 +1,9 @@
 """The baseline the server benchmark compares against: a plain gevent StreamServer.
 
 One greenlet per connection, the textbook gevent way: it answers LOGIN
-and SHAKE (always "none left") with the same codec as the real server, so
-the difference in bytes and CPU per connection is the architecture's, not
-the protocol's. Prints ``listening port=<p>`` when ready.
+and SHAKE (always "none left") through the same protocol session as the
+real server, so the difference in bytes and CPU per connection is the
+architecture's, not the protocol's. Prints ``listening port=<p>`` when ready.
 """
 
 from __future__ import annotations
@@ -16,13 +16,11 @@ from gevent.server import StreamServer
 
 from app import protocol as p
 
-_LOGIN_RESULT = p.LAYOUTS[p.Command.LOGIN_RESULT]
-_SHAKE_RESULT = p.LAYOUTS[p.Command.SHAKE_RESULT]
+_SHAKES = (p.ShakeAsked, p.ShakeRefused)
 
 
 def handle(sock, _address) -> None:
-    decoder = p.Decoder()
-    userid = 0
+    session = p.ServerSession()
     try:
         while True:
             data = sock.recv(4096)
@@ -30,12 +28,13 @@ def handle(sock, _address) -> None:
                 return
             out = []
             second = int(time.time())
-            for frame in decoder.feed(data):
-                if frame.command == p.Command.LOGIN:
-                    userid = frame.userid
-                    out.append(_LOGIN_RESULT.pack(20, 1, second, userid, 0))
-                elif frame.command == p.Command.SHAKE:
-                    out.append(_SHAKE_RESULT.pack(28, 3, second, userid, 15, 0, 0))
+            events = list(session.receive(data))
+            if events and type(events[-1]) is p.LoggedIn:  # it stops after the LOGIN
+                out.append(session.login_result(p.LoginCode.OK, second))
+                events += session.receive(b"")
+            for event in events:
+                if type(event) in _SHAKES:
+                    out.append(session.shake_result(p.ShakeCode.NONE_LEFT, 0, 0, second))
             if out:
                 sock.sendall(b"".join(out))
     except (p.ProtocolError, OSError):

@@ -24,8 +24,6 @@ from app import protocol as p
 from app.reactor import READ, Reactor, read_some, write_some
 
 TICKS = 100
-_SHAKE = p.LAYOUTS[p.Command.SHAKE]
-_RESULT_SIZE = p.FRAME_SIZES[p.Command.SHAKE_RESULT]
 
 
 class LoadGen:
@@ -36,7 +34,7 @@ class LoadGen:
         self.first_user = first_user
         self.source = source
         self.fds: list[int] = []
-        self.inbuf: dict[int, bytes] = {}
+        self.sessions: dict[int, p.ClientSession] = {}
         self.sent_at: dict[int, list[float]] = {}
         self.answered = 0
         self.logged_in = 0
@@ -55,10 +53,10 @@ class LoadGen:
             sock.setblocking(False)
             fd = sock.detach()
             self.fds.append(fd)
-            self.inbuf[fd] = b""
+            session = self.sessions[fd] = p.ClientSession(self.first_user + i)
             self.sent_at[fd] = []
             self.reactor.register(fd, READ)
-            os.write(fd, p.encode(p.Login(self.first_user + i, int(time.time()))))
+            os.write(fd, session.login(int(time.time())))
         self.reactor.start()
         deadline = time.time() + 60
         while self.logged_in < self.n and time.time() < deadline:
@@ -70,15 +68,13 @@ class LoadGen:
             data = read_some(fd, 65536)
             if not data:
                 continue
-            buf = self.inbuf[fd] + data
-            frames, self.inbuf[fd] = p.decode_frames(buf)
             pending = self.sent_at[fd]
-            for frame in frames:
-                if frame.command == p.Command.SHAKE_RESULT:
+            for frame in self.sessions[fd].receive(data):
+                if type(frame) is p.ShakeResult:
                     self.answered += 1
                     if pending:
                         self.latencies.append(now - pending.pop(0))
-                elif frame.command == p.Command.LOGIN_RESULT:
+                elif type(frame) is p.LoginResult:
                     self.logged_in += 1
 
     def run(self, qps: int, seconds: float) -> dict:
@@ -98,7 +94,7 @@ class LoadGen:
             for _ in range(n):
                 fd = self.fds[cursor]
                 cursor = (cursor + 1) % len(self.fds)
-                if write_some(fd, _SHAKE.pack(16, 2, second, 0)) == b"":
+                if write_some(fd, self.sessions[fd].shake(second)) == b"":
                     self.sent_at[fd].append(stamp)
                     self.sent += 1
             tick += 1

@@ -47,7 +47,7 @@ from app.bench import cpu, floor
 from app.bench.cpu import rss_bytes, tree
 from app.client.histogram import Histogram
 from app.local import netns
-from app.local.runner import LocalFleet, get_json, progress
+from app.local.runner import ROOT, LocalFleet, get_json, progress
 from app.local.summary import (
     Phase,
     build_seconds,
@@ -61,7 +61,6 @@ from app.local.summary import (
 
 log = logging.getLogger("hongbao.scale")
 
-ROOT = Path(__file__).resolve().parents[2]
 # Connections per source address. connect() searches one half of the port
 # range first for a free 4-tuple to the one server address: measured, a client
 # worker stalled for 10 s at ~14k connections per address on the default range.
@@ -574,6 +573,10 @@ def inner(args: settings.Config) -> int:
         run.fleet.stop()
     result.update(run.figures)
     attach_floor(result)
+    if result.get("stopped_by"):  # a run cut short passes nothing, whatever its phases did
+        result["passed"] = False
+        result["reasons"] = [*result.get("reasons", []),
+                             f"stopped early: {result['stopped_by']}"]
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     if (run_dir / "seconds.jsonl").exists():
         try:

@@ -16,7 +16,6 @@ absolute figures do not.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 import psutil
 
 from app import settings
+from app.bench.floor import syscall_floor
 from app.local.runner import SERVER_READY, Service, get_json, server_command
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,53 +107,15 @@ def bench_server(args: settings.Config) -> dict:
         with process("server", cmd, SERVER_READY.pattern, work) as (_, match):
             port, control = int(match.group(1)), f"{match.group(2)}:{match.group(3)}"
             set_pid = get_json(control, "/stats")["per_set"][0]["pid"]
+            if args.grant:  # a supply to match the offer: every batch journals its grants
+                supply = int(args.qps * (args.seconds + 60))
+                get_json(control, f"/yaohongbao?qps={args.qps}&sum={supply}")
             results["hongbao SET"] = measure(port, [set_pid], args, work)
         cmd = [sys.executable, "-m", "app.bench.baseline", "--port", "0"]
         with process("baseline", cmd, r"port=(\d+)", work) as (baseline, match):
             results["gevent StreamServer"] = measure(int(match.group(1)), [baseline.pid], args,
                                                      work)
     return results
-
-
-def syscall_floor(pairs: int = 500, rounds: int = 40) -> dict:
-    """CPU of the two syscalls a shake costs any server here: read 16 B, write 28 B.
-
-    No logic at all, loopback TCP, measured in this process: what a
-    zero-overhead server would pay per shake on this machine (the kernel
-    delivers a loopback write into the peer's socket inside the writer's
-    syscall, so ``write`` carries most of it).
-    """
-    import resource
-    import socket
-
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(pairs)
-    clients, servers = [], []
-    for _ in range(pairs):
-        c = socket.create_connection(listener.getsockname())
-        s, _ = listener.accept()
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        clients.append(c)
-        servers.append(s)
-    request, answer = b"r" * 16, b"a" * 28
-    spent = 0.0
-    try:
-        for _ in range(rounds):
-            for c in clients:
-                os.write(c.fileno(), request)
-            before = resource.getrusage(resource.RUSAGE_SELF)
-            for s in servers:
-                os.read(s.fileno(), 4096)
-                os.write(s.fileno(), answer)
-            after = resource.getrusage(resource.RUSAGE_SELF)
-            spent += (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-            for c in clients:
-                os.read(c.fileno(), 4096)
-    finally:
-        for sock in (*clients, *servers, listener):
-            sock.close()
-    return {"cpu_us_per_shake": round(spent / (pairs * rounds) * 1e6, 2)}
 
 
 def print_table(results: dict, args: settings.Config) -> None:
@@ -163,7 +125,8 @@ def print_table(results: dict, args: settings.Config) -> None:
             "p50_ms", "p99_ms", "rss_empty_mb"]
     print(f"\nserver benchmark: {args.connections} connections, {args.qps} shakes/s offered, "
           f"{args.seconds:g} s, one process each, load from a separate process, "
-          f"journal durability {args.durability}")
+          f"journal durability {args.durability}"
+          f"{', every shake granted an envelope' if args.grant else ''}")
     floor = syscall_floor()
     print(f"syscall floor (read 16 B + write 28 B on loopback, no logic): "
           f"{floor['cpu_us_per_shake']} us per shake")
@@ -181,22 +144,11 @@ def print_table(results: dict, args: settings.Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m app.bench server|scale ...`` (settings: tables [server_bench], [scale])."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["scale"]:
-        from app.bench import scale as bench_scale
-
-        return bench_scale.main(argv[1:])
-    if argv[:1] != ["server"]:
-        sys.stderr.write("usage: python -m app.bench {server,scale} [--help | settings ...]\n")
-        return 2
-    args = settings.parse("server_bench", argv[1:], description=__doc__.splitlines()[0])
+    """``python -m app.bench server ...`` (settings: table [server_bench])."""
+    args = settings.parse("server_bench", sys.argv[1:] if argv is None else argv,
+                          description=__doc__.splitlines()[0])
     results = bench_server(args)
     print_table(results, args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

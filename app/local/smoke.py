@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from app import settings
-from app.local.runner import LocalFleet, get_json, progress
+from app.local.runner import ROOT, LocalFleet, get_json, progress
 from app.local.summary import (
     Phase,
     build_seconds,
@@ -42,7 +42,6 @@ from app.local.summary import (
 
 log = logging.getLogger("hongbao.smoke")
 
-ROOT = Path(__file__).resolve().parents[2]
 LOGIN_TIMEOUT = 90.0  # seconds for every connection to log in
 DRAIN_SECONDS = 2  # after the last phase: in-flight answers arrive, seconds complete
 SHAKE_ENVELOPE_SHARE = 0.05  # shake envelopes generated per second, as a share of peak QPS

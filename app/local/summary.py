@@ -66,20 +66,26 @@ def served(by_result: dict[str, int]) -> int:
 
 
 def net_rates(polled: dict[int, dict[str, Any]], second: int) -> dict[str, dict[str, float]]:
-    """{host: packets/bytes in/out per second} between the snapshots of ``second`` and the next.
+    """{host: packets/bytes in/out per second} around ``second`` from the host counters.
 
     A snapshot of second t is taken a fraction into t, so the counters' change
-    up to the next snapshot is mostly second t's traffic.
+    from the last snapshot at or before t to the next one after it is mostly
+    second t's traffic; a second whose snapshot was missed (a busy machine)
+    gets the rate over the longer interval.
     """
-    now, after = polled.get(second, {}), polled.get(second + 1, {})
-    elapsed = after.get("time", 0.0) - now.get("time", 0.0)
+    before = [s for s in polled if s <= second and "net" in polled[s]]
+    after = [s for s in polled if s > second and "net" in polled[s]]
+    if not before or not after:
+        return {}
+    now, later = polled[max(before)], polled[min(after)]
+    elapsed = later.get("time", 0.0) - now.get("time", 0.0)
     if elapsed <= 0:
         return {}
     rates = {}
-    for host, counters in after.get("net", {}).items():
-        before = now.get("net", {}).get(host)
-        if before is not None:
-            rates[host] = {k: round(max(v - before.get(k, v), 0) / elapsed, 1)
+    for host, counters in later["net"].items():
+        earlier = now["net"].get(host)
+        if earlier is not None:
+            rates[host] = {k: round(max(v - earlier.get(k, v), 0) / elapsed, 1)
                            for k, v in counters.items()}
     return rates
 

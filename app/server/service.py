@@ -17,6 +17,7 @@ from app.metrics.statsd import Metrics
 from app.server.ledger import Ledger
 from app.server.set_stats import SetStats
 from app.server.transport import Conn, Transport
+from app.shares import share as budget_share
 
 GEN_TICKS = 10  # envelope generation ticks per second
 # Plain ints and module names on the hot path: an enum member or module
@@ -69,9 +70,9 @@ class Service:
 
     def __post_init__(self) -> None:
         self.rng = random.Random()
-        budget = self.config["shake_budget"]
-        # The server-wide budget split so the SETs' shares sum to it exactly.
-        self.budget = budget // self.sets + (1 if self.set_id < budget % self.sets else 0)
+        # The server-wide budget split so the SETs' shares sum to it exactly (the
+        # settings refuse a budget below the SET count: every share is >= 1).
+        self.budget = budget_share(self.config["shake_budget"], self.sets, self.set_id)
         self.budget_second = 0
         self.budget_used = 0
 
