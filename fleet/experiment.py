@@ -474,6 +474,21 @@ class GraphiteTunnel:
             self.proc.wait(10)
 
 
+def snapshot_source(dest: Path) -> Path:
+    """Copy the code the hosts get (app/, monitor/, requirements, pyproject) to dest.
+
+    Both deploys ship this copy: an edit or a merge in the working tree during
+    a run must not make the second deploy "change" something.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    for top in ("requirements.txt", "pyproject.toml"):
+        shutil.copy2(REPO_ROOT / top, dest / top)
+    for package in ("app", "monitor"):
+        shutil.copytree(REPO_ROOT / package, dest / package, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "node_modules"))
+    return dest
+
+
 def _graphite_sum(url: str, target: str, start: int, end: int) -> float:
     query = urllib.parse.urlencode({"target": target, "from": start, "until": end,
                                     "format": "json"})
@@ -545,7 +560,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.monotonic() - started:7.1f} s] {'hosts up':<18} ok   "
               f"{len(fleet.hosts)} local test hosts (1 server, {args.clients} clients, 1 monitor)",
               flush=True)
-    experiment = Experiment(inventory, run_dir, plan)
+    source = snapshot_source(run_dir / "src")
+    experiment = Experiment(inventory, run_dir, plan, extra=[
+        "-e", f"app_source_dir={source}",
+        "-e", f"app_bundle_dir={REPO_ROOT / 'var' / 'fleet' / 'bundle'}"])
     try:
         experiment.run(stop=not args.no_stop)
     except StepFailed as exc:

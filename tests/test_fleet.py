@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.experiment import Experiment, Plan
+from fleet.experiment import Experiment, Plan, snapshot_source
 from fleet.local.__main__ import run_playbook
 from fleet.local.hosts import REPO_ROOT, Fleet
 
@@ -104,15 +104,7 @@ def _fleet(tmp_path_factory, name: str, subnet: str):
     inventory = state / "inventory"
     inventory.mkdir()
     (inventory / "group_vars").symlink_to(LOCAL_GROUP_VARS)
-    # Ship a snapshot of the code: edits in the working tree during the run
-    # must not make the second deploy "change" something.
-    source = state / "src"
-    source.mkdir()
-    for top in ("requirements.txt", "pyproject.toml"):
-        shutil.copy2(REPO_ROOT / top, source / top)
-    for package in ("app", "monitor"):
-        shutil.copytree(REPO_ROOT / package, source / package,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "node_modules"))
+    source = snapshot_source(state / "src")
     test_fleet = Fleet(name=name, subnet=subnet, state_dir=state,
                        inventory=inventory / "hosts.yml")
     try:
