@@ -55,7 +55,9 @@ def code_files(source: Path) -> list[Path]:
          "--exclude-standard", "--", *CODE],
         capture_output=True, text=True,
     )
-    if listed.returncode == 0:
+    # Only a checkout's own root: a copy inside another checkout's ignored
+    # directory (a run's snapshot under runs/) would list nothing.
+    if listed.returncode == 0 and (source / ".git").exists():
         names = [n for n in listed.stdout.split("\0") if n]
         candidates = [source / n for n in names]
     else:  # not a git checkout: everything under the code directories
