@@ -161,3 +161,24 @@ def test_login_with_4k_of_frames_in_one_write_survives_any_hand_off(start_server
     record(Row("hostile: LOGIN + 4 KB of frames in one write, handed off",
                bad_inputs=0, survived=f"{len(answered)}/12", lost=12 * frames - sum(answered),
                figures={"handoffs": counters.get("handoff.received", 0)}))
+
+
+def test_more_than_one_read_in_one_write_and_a_fin_behind_it_are_all_served(start_server):
+    """Connections are edge-triggered (app.reactor): a read that fills the buffer must
+    be followed by another without waiting for new bytes, and an EOF that came with
+    the data must still close the connection."""
+    server = start_server(sets=1)
+    frames = 1000  # 16 KB: four server reads from one edge
+    c = Client(server.port)
+    try:
+        c.login(7)
+        c.send_raw(p.encode(p.Shake(0)) * frames)
+        codes = [c.recv_type(p.ShakeResult).result for _ in range(frames)]
+        assert len(codes) == frames
+        c.send_raw(p.encode(p.Shake(0)) * 3)
+        c.sock.shutdown(socket.SHUT_WR)  # the FIN right behind the data
+        assert [c.recv_type(p.ShakeResult).userid for _ in range(3)] == [7, 7, 7]
+    finally:
+        c.close()
+    wait_for(lambda: server.stats()["counters"].get("close.peer_closed", 0) == 1)
+    assert server.stats()["connections"] == 0

@@ -17,12 +17,14 @@ import time
 
 import gevent
 import pytest
+from gevent import socket as gsocket
 
 from app import settings
 from app.arbiter import RESTART_BACKOFF, STABLE_AFTER, RestartPolicy
 from app.client.agent import Agent
 from app.client.worker import EXIT_DIED, Worker
 from app.local.runner import ROOT
+from app.server.supervisor import SetHandle, Supervisor
 from tests.reliability import start_agent  # noqa: F401  (fixture)
 
 
@@ -129,3 +131,54 @@ def test_a_worker_that_stops_reporting_is_killed_and_restarted(start_server, sta
     assert procs[0]["restarts"] == 0
     agent.wait_connected()
     assert agent.get("/health")["restarts"] == 1
+
+
+class _Seen:
+    """What ``Supervisor._read_answers`` needs of its supervisor: the liveness mark."""
+
+    def __init__(self) -> None:
+        self.marks = 0
+
+    def seen(self, handle) -> None:
+        self.marks += 1
+
+
+def test_a_control_answer_later_than_its_asker_neither_desyncs_nor_hides_the_set():
+    """A slow SET answering in pieces: the asker times out, the next ask gets its own answer.
+
+    Before the per-socket reader, the timed-out asker's readline dropped the
+    half line it had read; every later ask then read out of step and the
+    SET, busy but alive, was killed by the liveness rule.
+    """
+    handle = SetHandle(0)
+    ours, theirs = gsocket.socketpair()
+    handle.control = ours
+    owner = _Seen()
+    reader = gevent.spawn(Supervisor._read_answers, owner, handle, ours)
+    served = []
+
+    def slow_set() -> None:
+        lines = theirs.makefile("rb")
+        for delay in (0.4, 0.0):
+            request = json.loads(lines.readline())
+            served.append(request["op"])
+            answer = json.dumps({"op": request["op"], "seq": request["seq"]}).encode() + b"\n"
+            theirs.sendall(answer[:5])  # half a line, then the rest later
+            gevent.sleep(delay)
+            theirs.sendall(answer[5:])
+
+    fake_set = gevent.spawn(slow_set)
+    with pytest.raises(gevent.Timeout):
+        Supervisor.ask(owner, handle, {"op": "first"}, timeout=0.2)
+    assert Supervisor.ask(owner, handle, {"op": "second"}, timeout=2.0) == {"op": "second"}
+    assert served == ["first", "second"]
+    assert owner.marks == 2  # the late answer too was a sign of life
+    assert handle.waiting == {}
+    fake_set.join(timeout=2)
+    theirs.close()
+    reader.join(timeout=2)
+    assert reader.dead
+    with pytest.raises(OSError):
+        handle.control = None
+        Supervisor.ask(owner, handle, {"op": "third"}, timeout=0.5)
+

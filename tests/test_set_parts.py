@@ -168,3 +168,48 @@ def test_record_offsets_locate_each_record(tmp_path):
     records, _ = read_journal(str(tmp_path / "j"))
     data = (tmp_path / "j").read_bytes()
     assert [data[o : o + 1] for o in record_offsets(records)] == [b"Y", b"G", b"F"]
+
+
+def test_a_reactor_behind_on_full_batches_still_lets_timers_and_other_greenlets_run(monkeypatch):
+    """A SET that is behind gets a full batch every poll; its control socket and its
+    timers (per-second stats, liveness answers) must still run between batches.
+
+    With gevent.sleep(0) between batches the loop turned only every 50 of them
+    (gevent runs up to 50 callbacks before it checks the clock): at 200k
+    connections that was 20 s without the control greenlet.
+    """
+    import socket
+
+    import gevent
+
+    from app import reactor as reactor_module
+
+    monkeypatch.setattr(reactor_module, "MAX_EVENTS", 2)
+    pairs = [socket.socketpair() for _ in range(3)]
+    batches = []
+
+    def dispatch(events: list) -> None:  # a slow batch, as on a machine out of CPU
+        batches.append(len(events))
+        time.sleep(0.01)
+
+    r = reactor_module.Reactor(dispatch)
+    for ours, theirs in pairs:
+        theirs.send(b"x")  # never read: level-triggered, ready on every poll
+        r.register(ours.fileno())
+    ticks = []
+
+    def timer() -> None:
+        for _ in range(5):
+            gevent.sleep(0.01)
+            ticks.append(time.monotonic())
+
+    started = time.monotonic()
+    r.start()
+    gevent.spawn(timer).join(timeout=2.0)
+    r.close()
+    for ours, theirs in pairs:
+        ours.close()
+        theirs.close()
+    assert len(ticks) == 5, f"the timer greenlet ran {len(ticks)} of 5 times in 2 s"
+    assert ticks[-1] - started < 1.0
+    assert batches and max(batches) == 2  # every poll was a full batch

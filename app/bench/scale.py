@@ -191,6 +191,7 @@ class ScaleRun:
         end = time.time() + a.hold
         low = high = self.fleet.connections()
         server_low = get_json(self.fleet.server_api, "/stats?seconds=0", tries=3)["connections"]
+        idle_start = cpu.mark(self.server_procs(), self.client_procs())
         while time.time() < end:
             self.check()
             n = self.fleet.connections()
@@ -200,6 +201,10 @@ class ScaleRun:
                      f"{end - time.time():4.0f}s left")
             time.sleep(1.0)
         sys.stderr.write("\n")
+        # What holding the connections costs with no load: the fixed part of
+        # every phase's CPU (ticks, reports, housekeeping of every process).
+        idle = cpu.costs(idle_start, cpu.mark(self.server_procs(), self.client_procs()), 0)
+        self.figures["idle"] = {k: v for k, v in idle.items() if "per_request" not in k}
         self.figures["held"] = {"clients_lowest": low, "clients_highest": high,
                                 "server_lowest": server_low, "seconds": a.hold,
                                 "dropped": max(0, a.connections - min(low, server_low))}
@@ -470,6 +475,10 @@ def print_table(result: dict[str, Any]) -> str:
         f"RSS totals                server {f.get('server_rss_total_mb', '-')} MiB, clients "
         f"{f.get('client_rss_total_mb', '-')} MiB; kernel TCP memory peak "
         f"{f.get('tcp_mem_peak_pages', '-')} pages",
+        *([f"idle while held          server {idle['server_cpu_percent']}%, clients "
+           f"{idle['client_cpu_percent']}% of a core, box {idle['machine_cpu_percent']}%; "
+           f"wake-ups/s server {idle['server_wakeups_per_s']}, clients "
+           f"{idle['client_wakeups_per_s']}"] if (idle := f.get("idle")) else []),
         f"worst loop lag / GC pause {f.get('loop_lag_max_ms', '-')} ms / "
         f"{f.get('gc_pause_max_ms', '-')} ms (server SETs, last 300 s; per phase below)", ""]
     head = ("phase", "target", "served/s", "srv±2%", "cli±2%", "p50", "p99", "p999",

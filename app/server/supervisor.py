@@ -9,6 +9,13 @@ journal, is reported, not restarted forever, and the others serve on);
 the arbiter's liveness rule; ``handle_term`` stops the tree gracefully;
 ``ask`` and ``ask_all`` query SETs over their control sockets for the HTTP API.
 
+Each control socket has one reader greenlet that takes every answer line
+and hands it to the request with the same sequence number: an asker that
+times out just stops waiting. (Reading in the asker lost the first half of
+a line when its timeout struck mid-line; the stream then stayed out of step
+and three busy SETs at 200k connections looked silent for 20 s and were
+killed while they served.)
+
 What outlives a SET's restart, so nothing is lost in between: its inbox
 (the Unix datagram socket that other SETs hand its users to — created here,
 once) and its journal. SETs are started as fresh interpreters rather than
@@ -32,6 +39,7 @@ from typing import Any
 import gevent
 from gevent import socket as gsocket
 from gevent import subprocess
+from gevent.event import AsyncResult
 from gevent.lock import BoundedSemaphore
 from gevent.socket import wait_read
 
@@ -69,9 +77,9 @@ class SetHandle(Slot):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self.control: socket.socket | None = None
-        self.reader: Any = None
-        self.lock = BoundedSemaphore()
+        self.lock = BoundedSemaphore()  # one request written at a time
         self.seq = 0  # control request number; answers echo it
+        self.waiting: dict[int, AsyncResult] = {}  # seq -> the asker's result
 
 
 class Supervisor(Arbiter[SetHandle]):
@@ -110,7 +118,7 @@ class Supervisor(Arbiter[SetHandle]):
         process = subprocess.Popen(cmd, pass_fds=fds, start_new_session=False)
         child_end.close()
         handle.control = gsocket.socket(fileno=parent_end.detach())
-        handle.reader = handle.control.makefile("rb")
+        gevent.spawn(self._read_answers, handle, handle.control).name = f"answers-{handle.set_id}"
         log.info("spawned SET %d (pid %d)", handle.set_id, process.pid)
         gevent.spawn(self._await_ready, handle, process)
         return process
@@ -162,7 +170,37 @@ class Supervisor(Arbiter[SetHandle]):
                 handle.control.close()
             except OSError:
                 pass
-        handle.control = handle.reader = None
+        handle.control = None
+
+    def _read_answers(self, handle: SetHandle, control: socket.socket) -> None:
+        """Every answer line of one SET's control socket, to the request it answers.
+
+        Any answer is a sign of life, also one whose asker has given up.
+        Ends with the socket; whoever still waits then gets an OSError.
+        """
+        reader = control.makefile("rb")
+        try:
+            while True:
+                line = reader.readline()
+                if not line:
+                    break
+                try:
+                    answer = json.loads(line)
+                    seq = answer.pop("seq")
+                except (ValueError, KeyError, AttributeError, TypeError):
+                    log.warning("SET %d: unreadable control answer %r", handle.set_id, line[:80])
+                    continue
+                self.seen(handle)
+                waiter = handle.waiting.pop(seq, None)
+                if waiter is not None:
+                    waiter.set(answer)
+        except OSError:
+            pass
+        finally:
+            if handle.control is control:
+                for waiter in handle.waiting.values():
+                    waiter.set_exception(OSError(f"SET {handle.set_id} closed its control socket"))
+                handle.waiting.clear()
 
     def heartbeat(self) -> None:
         """Ping every ready SET; an answer is its sign of life (a hung loop stays silent)."""
@@ -177,27 +215,25 @@ class Supervisor(Arbiter[SetHandle]):
 
     # -------------------------------------------------------------- control
     def ask(self, handle: SetHandle, request: dict, timeout: float = CONTROL_TIMEOUT) -> dict:
-        """One request/answer on a SET's control socket (serialised per SET).
+        """One request to a SET and its answer (raises gevent.Timeout, OSError).
 
-        Every request carries a sequence number the SET echoes: an answer that
-        arrives after its asker timed out is skipped by the next asker instead
-        of being taken for its own answer (a slow-booting SET used to answer
-        a timed-out ping to the following /stats request).
+        Every request carries a sequence number the SET echoes; the socket's
+        reader (``_read_answers``) matches answers to requests by it, so an
+        answer that comes after its asker timed out is simply dropped.
         """
-        with handle.lock, gevent.Timeout(timeout):
-            if handle.control is None:
+        with gevent.Timeout(timeout):
+            control = handle.control
+            if control is None:
                 raise OSError(f"SET {handle.set_id} is not running")
             handle.seq += 1
             seq = handle.seq
-            handle.control.sendall(json.dumps({**request, "seq": seq}).encode() + b"\n")
-            while True:
-                line = handle.reader.readline()
-                if not line:
-                    raise OSError(f"SET {handle.set_id} closed its control socket")
-                answer = json.loads(line)
-                if answer.pop("seq", seq) == seq:
-                    self.seen(handle)  # any answer is a sign of life, not only a ping's
-                    return answer
+            result = handle.waiting[seq] = AsyncResult()
+            try:
+                with handle.lock:
+                    control.sendall(json.dumps({**request, "seq": seq}).encode() + b"\n")
+                return result.get()
+            finally:
+                handle.waiting.pop(seq, None)
 
     def ask_all(self, make_request: Any) -> list[dict | None]:
         """Ask every SET at once; None for a SET that is down or did not answer."""
