@@ -213,3 +213,29 @@ def test_a_reactor_behind_on_full_batches_still_lets_timers_and_other_greenlets_
     assert len(ticks) == 5, f"the timer greenlet ran {len(ticks)} of 5 times in 2 s"
     assert ticks[-1] - started < 1.0
     assert batches and max(batches) == 2  # every poll was a full batch
+
+
+def test_journal_sync_can_run_its_fsync_elsewhere_and_stays_dirty_when_it_fails(tmp_path):
+    """The SET fsyncs in a thread (the loop serves on meanwhile); a failed fsync is retried."""
+    writer = JournalWriter(str(tmp_path / "j"))
+    calls = []
+    writer.append(b"G", 1, 2)
+
+    def failing(fn, args):
+        calls.append((fn, args))
+        raise OSError(errno.EIO, "disk gone")
+
+    with pytest.raises(OSError):
+        writer.sync(failing)
+    assert calls == [(os.fsync, (writer.fd,))]
+    assert writer.syncs == 0
+
+    def ran(fn, args):
+        calls.append((fn, args))
+        fn(*args)
+
+    writer.sync(ran)  # still dirty from the failure: synced now
+    assert len(calls) == 2 and writer.syncs == 1
+    writer.sync(ran)  # nothing new written: no fsync
+    assert len(calls) == 2
+    writer.close()
