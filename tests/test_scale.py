@@ -14,7 +14,13 @@ import sys
 
 import pytest
 
+from app.local import netns
 from tests.serverproc import ROOT
+
+
+def namespaces() -> set[str]:
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in listed.splitlines() if line.strip()}
 
 CONNECTIONS = 50_000
 QPS = 3_000
@@ -26,10 +32,14 @@ def test_bounded_scale_run(tmp_path):
     cmd = [sys.executable, "-m", "app.bench", "scale", "--connections", str(CONNECTIONS),
            "--hosts", "3", "--phases", str(QPS), "--hold", "3", "--phase-seconds", "8",
            "--connect-rate", "10000", "--connect-timeout", "150", "--run-dir", str(run_dir)]
+    namespaces_before = namespaces()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     print(done.stdout)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((run_dir / "result.json").read_text())
+    if result["netns"]:  # as root: its own namespace, with its own TCP hash, gone afterwards
+        assert result["tcp_ehash_entries"] == netns.ehash_size(CONNECTIONS)
+        assert namespaces() == namespaces_before
     assert result["stopped_by"] is None
     assert result["connected"] == CONNECTIONS
     assert result["held"]["dropped"] == 0

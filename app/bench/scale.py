@@ -86,6 +86,14 @@ def meminfo() -> dict[str, int]:
     return out
 
 
+def tcp_ehash() -> int:
+    """Buckets of the TCP established hash this run's sockets use (negative: shared)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/tcp_ehash_entries").read_text())
+    except (OSError, ValueError):
+        return 0
+
+
 def tcp_memory() -> tuple[int, int]:
     """(pages the kernel's TCP stack holds now, the tcp_mem limit in pages).
 
@@ -533,7 +541,7 @@ def inner(args: settings.Config) -> int:
     run = ScaleRun(args, run_dir)
     result: dict[str, Any] = {"target_connections": args.connections, "hosts": args.hosts,
                               "phases_planned": list(args.phases), "run_dir": str(run_dir),
-                              "netns": args.netns_name}
+                              "netns": args.netns_name, "tcp_ehash_entries": tcp_ehash()}
 
     def terminate(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -616,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.netns_name or not use_netns:
         return inner(args)
     name = f"hbscale{os.getpid()}"
-    refused = netns.create(name, netns.SCALE_SYSCTLS)
+    refused = netns.create(name, netns.SCALE_SYSCTLS, netns.ehash_size(args.connections))
     for line in refused:
         log.warning("netns sysctl not set: %s", line)
     argv_inner = [*(argv if argv is not None else sys.argv[1:]), "--netns-name", name,
