@@ -164,9 +164,8 @@ def test_login_with_4k_of_frames_in_one_write_survives_any_hand_off(start_server
 
 
 def test_more_than_one_read_in_one_write_and_a_fin_behind_it_are_all_served(start_server):
-    """Connections are edge-triggered (app.reactor): a read that fills the buffer must
-    be followed by another without waiting for new bytes, and an EOF that came with
-    the data must still close the connection."""
+    """A read that fills the SET's buffer is followed by another without new bytes
+    arriving, and an EOF that came right behind the data still closes the connection."""
     server = start_server(sets=1)
     frames = 1000  # 16 KB: four server reads from one edge
     c = Client(server.port)

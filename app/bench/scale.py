@@ -20,7 +20,12 @@ per-phase QPS accuracy, latency p50/p99/p999, worst loop lag and GC pause,
 errors by kind and the ledger.
 
 As root it runs inside a network namespace it creates (and deletes), with
-its own port range and accept queues; elsewhere in the current one.
+its own port range, accept queues and TCP established hash (sized for the
+run); elsewhere in the current one.
+
+Exit code: 0 every phase passed; 3 the run completed and its verdict failed
+(the reasons are printed); 2 stopped before memory or TCP memory ran out;
+1 an error; 130 interrupted.
 
 Safety: MemAvailable is watched every half second; below ``--mem-floor-mb``
 the run stops cleanly and reports how far it got and which resource ran out.
@@ -84,6 +89,9 @@ def meminfo() -> dict[str, int]:
             key, value = line.split(":", 1)
             out[key] = int(value.split()[0]) * 1024
     return out
+
+
+EXIT_VERDICT_FAILED = 3  # exit code of a run that completed and failed its verdict
 
 
 def tcp_ehash() -> int:
@@ -601,6 +609,8 @@ def inner(args: settings.Config) -> int:
         except Exception as exc:  # the figures matter more than the pictures
             log.warning("graphs failed: %s", exc)
     print(print_table(result))
+    if code == 0 and result.get("passed") is False:
+        code = EXIT_VERDICT_FAILED  # ran to the end, and a phase was not served
     return code
 
 

@@ -56,7 +56,7 @@ from app.protocol import (
     ShakeCode,
     ShakeResult,
 )
-from app.reactor import EDGE, HANGUP, READ, READ_WRITE, Reactor, close_fd, read_some, write_some
+from app.reactor import READ, READ_WRITE, Reactor, close_fd, read_some, write_some
 
 log = logging.getLogger("hongbao.client.worker")
 
@@ -238,7 +238,7 @@ class Worker:
         conn.since = now
         self.by_fd[conn.fd] = conn
         self.pending[conn.pos] = conn
-        self.reactor.register(conn.fd, READ_WRITE | EDGE)
+        self.reactor.register(conn.fd, READ_WRITE)
 
     def _retry(self, conn: Conn, now: float, failed: bool = True) -> None:
         """Schedule the next attempt: exponential backoff with full jitter."""
@@ -292,7 +292,7 @@ class Worker:
             self.drop(conn, now)
         elif rest:
             conn.out = rest
-            self.reactor.modify(conn.fd, READ_WRITE | EDGE)
+            self.reactor.modify(conn.fd, READ_WRITE)
 
     # --- events ---------------------------------------------------------------
     def _dispatch(self, events: list[tuple[int, int]]) -> None:
@@ -305,13 +305,11 @@ class Worker:
                     self._control()
                 continue
             if conn.state == CONNECTING:
-                if not mask & (select.EPOLLOUT | ERROR_EVENTS):
-                    continue  # a re-dispatch meant for the descriptor's previous socket
                 if mask & ERROR_EVENTS:
                     self.drop(conn, now)
                     continue
                 conn.state = LOGGING_IN
-                self.reactor.modify(fd, READ | EDGE)
+                self.reactor.modify(fd, READ)
                 self.send(conn, conn.session.login(int(now)), now)
                 continue
             if mask & select.EPOLLOUT and conn.out:
@@ -321,14 +319,12 @@ class Worker:
                     continue
                 conn.out = rest
                 if not rest:
-                    self.reactor.modify(fd, READ | EDGE)
+                    self.reactor.modify(fd, READ)
             if mask & _READABLE:
                 data = read_some(fd, READ_SIZE)
                 if data is None:
                     self.drop(conn, now)
                 elif data:
-                    if len(data) == READ_SIZE or mask & HANGUP:
-                        self.reactor.again.append(fd)  # edge-triggered: more may be left
                     try:
                         self._frames(conn, data, now)
                     except ProtocolError as exc:

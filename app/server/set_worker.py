@@ -54,7 +54,7 @@ from app import protocol as p
 from app import settings
 from app.metrics import system as sysmetrics
 from app.metrics.statsd import Metrics
-from app.reactor import HANGUP, READ_WRITE, WRITE, Reactor, read_some
+from app.reactor import READ_WRITE, WRITE, Reactor, read_some
 from app.server.accept import Acceptor
 from app.server.handoff import READ_SIZE, HandoffRouter
 from app.server.journal import (
@@ -229,7 +229,6 @@ class SetWorker:
         transport = self.transport
         conns = transport.conns
         serve = self.service.serve
-        again = self.reactor.again
         now = time.time()
         second = int(now)
         for fd, mask in events:
@@ -247,8 +246,6 @@ class SetWorker:
             if data is None:
                 transport.close(conn, "peer_closed")
                 continue
-            if len(data) == READ_SIZE or mask & HANGUP:
-                again.append(fd)  # edge-triggered: bytes (or the EOF) may be left
             if mask & WRITE and conn.blocked:
                 transport.writable(conn)
             if data:  # _on_data, inlined: this is the path of nearly every request

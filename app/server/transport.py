@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from app import protocol as p
-from app.reactor import EDGE, READ, READ_WRITE, Reactor, close_fd, write_some
+from app.reactor import READ, READ_WRITE, Reactor, close_fd, write_some
 
 MAX_OUTBUF = 64 * 1024  # a peer that does not read its answers is cut off past this
 
@@ -46,7 +46,7 @@ class Transport:
 
     def add(self, conn: Conn) -> None:
         self.conns[conn.fd] = conn
-        self.reactor.register(conn.fd, READ | EDGE)
+        self.reactor.register(conn.fd, READ)
 
     def detach(self, conn: Conn) -> None:
         """Forget a socket without closing it (it is being handed to another SET)."""
@@ -86,7 +86,7 @@ class Transport:
             elif rest:
                 conn.out = rest
                 conn.blocked = True
-                self.reactor.modify(conn.fd, READ_WRITE | EDGE)
+                self.reactor.modify(conn.fd, READ_WRITE)
             else:
                 conn.out = b""
 
@@ -105,7 +105,7 @@ class Transport:
         conn.out = rest
         if not rest:
             conn.blocked = False
-            self.reactor.modify(conn.fd, READ | EDGE)
+            self.reactor.modify(conn.fd, READ)
 
     def close(self, conn: Conn, reason: str) -> None:
         if self.conns.pop(conn.fd, None) is not conn:
