@@ -238,6 +238,9 @@ SETTINGS: tuple[Setting, ...] = (
             "floor (app/bench/floor.c; the syscall floor without a compiler)", Z),
     Setting("floor_seconds", _non_negative, "0",
             "seconds per floor phase (0: the phase length, at most 20)", Z),
+    Setting("clients", _choice("hongbao", "floor"), "hongbao",
+            "what loads hongbao's server: its client agents, or the floor's C clients (what "
+            "the server alone serves when the load costs no more than the floor's)", Z),
     Setting("run_dir", str, "", "this run's directory (default runs/scale-<UTC time>)", Z),
     # --- server bench (python -m app.bench server): one SET against a gevent StreamServer
     Setting("connections", _positive, "5000", "idle logged-in connections to hold", BS),

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from app.bench import floor, scale
 from app.client.agent import PER_PROCESS
+from app.local.runner import ROOT
 
 
 def test_client_layout_splits_hosts_like_the_agent():
@@ -72,3 +75,29 @@ def test_floor_serves_every_second_exactly(tmp_path):
             sent += record["sent"]
             answered += record["answered"]
     assert sent == answered == 1500 * 4
+
+
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler")
+def test_hongbao_server_under_the_floors_c_clients_answers_every_request(tmp_path):
+    """``--clients floor``: hongbao's real server, loaded by the C clients only."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "app.bench", "scale", "--connections", "3000", "--hosts", "3",
+           "--phases", "1500", "--hold", "0", "--phase-seconds", "4", "--floor", "no",
+           "--clients", "floor", "--netns", "no", "--run-dir", str(run_dir)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = json.loads((run_dir / "result.json").read_text())
+    assert done.returncode == (0 if result["passed"] else scale.EXIT_VERDICT_FAILED), \
+        done.stderr[-2000:]
+    cc = result["c_clients"]
+    assert cc["processes"] == {"servers": 0, "clients": 3}
+    (phase,) = cc["phases"]
+    assert phase["target"] == 1500 and phase["server_cpu_us_per_request"] > 0
+    sent = answered = 0
+    for path in (run_dir / "c-clients").glob("client*.jsonl"):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            sent += record["sent"]
+            answered += record["answered"]
+    assert sent == answered == 1500 * 4  # hongbao's SETs answered every one
+    assert result["ledger"]["balanced"] is True
+    assert "under the floor's C clients" in done.stdout

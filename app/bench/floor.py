@@ -26,6 +26,8 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,24 +96,49 @@ def within_share(counts: dict[int, int], seconds: range, target: int) -> float:
                for t in seconds) / max(1, len(seconds))
 
 
+@dataclass
+class ExternalServer:
+    """A server the floor's C clients load instead of the C servers (``measure``'s ``server``)."""
+
+    port: int
+    processes: Callable[[], list[psutil.Process]]
+    arrivals: Callable[[], dict[int, int]]  # served per second, by arrival
+
+
 class FloorRun:
     """One floor run: start, log everyone in, run the phases, read the figures."""
 
     def __init__(self, binary: Path, run_dir: Path, connections: int, hosts: int,
-                 ticks: int) -> None:
+                 ticks: int, server: ExternalServer | None = None) -> None:
         self.binary, self.dir = binary, run_dir
         self.connections, self.hosts, self.ticks = connections, hosts, ticks
+        self.external = server  # another server (hongbao's) instead of the C servers
         self.servers: list[Service] = []
         self.clients: list[Service] = []
         self.figures: dict[str, Any] = {}
+
+    def server_processes(self) -> list[psutil.Process]:
+        return self.external.processes() if self.external else processes(self.servers)
+
+    def arrivals(self) -> dict[int, int]:
+        """Requests served per second by arrival at the server(s)."""
+        if self.external:
+            return self.external.arrivals()
+        arrival: dict[int, int] = {}
+        for path in self.dir.glob("server*.txt"):
+            for line in path.read_text().split("\n"):
+                if line:
+                    t, n = map(int, line.split())
+                    arrival[t] = arrival.get(t, 0) + n
+        return arrival
 
     def _service(self, name: str, args: list[str], ready: str) -> Service:
         return Service(name, [str(self.binary), *args], self.dir / f"{name}.log",
                        re.compile(ready), stdin=True)
 
     def start(self, connect_timeout: float) -> None:
-        port = free_port()
-        n_servers = max(1, math.ceil(self.connections / SERVER_CONNECTIONS))
+        port = self.external.port if self.external else free_port()
+        n_servers = 0 if self.external else max(1, math.ceil(self.connections / SERVER_CONNECTIONS))
         for k in range(n_servers):
             server = self._service(f"server{k}", ["server", str(port),
                                                   str(self.dir / f"server{k}.txt")], "^listening")
@@ -150,7 +177,7 @@ class FloorRun:
         for q, first, end in spans:  # CPU over each phase from its second second to its end
             for when in (first + 1, end):
                 time.sleep(max(0.0, when - time.time()))
-                marks[when] = cpu.mark(processes(self.servers), processes(self.clients))
+                marks[when] = cpu.mark(self.server_processes(), processes(self.clients))
             self.figures.setdefault("cpu", {})[q] = (marks[first + 1], marks[end])
         for client in self.clients:
             client.proc.wait(timeout=60)
@@ -160,12 +187,7 @@ class FloorRun:
         stop_services([*self.clients, *self.servers])
 
     def summarise(self, spans: list[tuple[int, int, int]]) -> list[dict[str, Any]]:
-        arrival: dict[int, int] = {}
-        for path in self.dir.glob("server*.txt"):
-            for line in path.read_text().split("\n"):
-                if line:
-                    t, n = map(int, line.split())
-                    arrival[t] = arrival.get(t, 0) + n
+        arrival = self.arrivals()
         answered: dict[int, int] = {}
         hists: dict[int, Histogram] = {}
         for path in self.dir.glob("client*.jsonl"):
@@ -198,24 +220,33 @@ class FloorRun:
 
 
 def measure(run_dir: Path, connections: int, hosts: int, phases: list[int], seconds: int,
-            ticks: int, connect_timeout: float = 600) -> dict[str, Any]:
-    """The floor's figures for this traffic, or the syscall floor without a compiler."""
+            ticks: int, connect_timeout: float = 600,
+            server: ExternalServer | None = None) -> dict[str, Any]:
+    """The floor's figures for this traffic, or the syscall floor without a compiler.
+
+    With ``server``, only the floor's C clients run, against that server: what
+    a server serves when the load costs no more than the floor's.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     binary = compile_floor(run_dir)
     if binary is None:
+        if server is not None:
+            return {"kind": "none: no C compiler for the floor's clients", "phases": []}
         per = syscall_floor()["cpu_us_per_shake"]
         return {"kind": "syscall floor (no C compiler)",
                 "phases": [{"target": q, "server_cpu_us_per_request": per,
                             "client_cpu_us_per_request": per} for q in phases]}
-    run = FloorRun(binary, run_dir, connections, hosts, ticks)
+    run = FloorRun(binary, run_dir, connections, hosts, ticks, server)
     try:
         run.start(connect_timeout)
         spans = run.run_phases(phases, seconds)
     finally:
         run.stop()
     rows = run.summarise(spans)
-    return {"kind": "C epoll floor (app/bench/floor.c)",
-            **{k: v for k, v in run.figures.items() if k != "cpu"}, "phases": rows}
+    kind = ("the floor's C clients against another server" if server
+            else "C epoll floor (app/bench/floor.c)")
+    return {"kind": kind, **{k: v for k, v in run.figures.items() if k != "cpu"},
+            "phases": rows}
 
 
 def main(argv: list[str] | None = None) -> int:

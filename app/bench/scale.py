@@ -54,10 +54,12 @@ from app.client.histogram import Histogram
 from app.local import netns
 from app.local.runner import ROOT, LocalFleet, get_json, progress
 from app.local.summary import (
+    REQUIRED,
     Phase,
     build_seconds,
     ledger_check,
     phase_summary,
+    served,
     verdict,
     verdict_lines,
     write_graphs,
@@ -89,6 +91,10 @@ def meminfo() -> dict[str, int]:
             key, value = line.split(":", 1)
             out[key] = int(value.split()[0]) * 1024
     return out
+
+
+class ClientsDone(Exception):
+    """The run with the floor's C clients is over: skip hongbao's clients."""
 
 
 EXIT_VERDICT_FAILED = 3  # exit code of a run that completed and failed its verdict
@@ -429,6 +435,59 @@ def run_floor(args: settings.Config, out_dir: Path) -> dict[str, Any]:
         return {"kind": f"failed: {exc}", "phases": []}
 
 
+def server_under_c_clients(args: settings.Config, run: ScaleRun) -> dict[str, Any]:
+    """Hongbao's server loaded by the floor's C clients (``--clients floor``).
+
+    The same connections, phases and ticks, shake envelopes on; the C
+    clients do not claim group envelopes, so none are started. Judged like
+    every phase: served by arrival at the server, answered at the clients.
+    """
+    fleet = run.fleet
+    span = len(args.phases) * args.phase_seconds + 60
+    get_json(fleet.server_api, f"/yaohongbao?qps={SHAKE_ENVELOPES_PER_S}"
+                               f"&sum={SHAKE_ENVELOPES_PER_S * span}", tries=3)
+
+    def arrivals() -> dict[int, int]:
+        stats = fleet.server_stats(300, tries=2, timeout=30)
+        return {row["second"]: served(row["by_result"]) for row in stats["per_second_arrival"]}
+
+    server = floor.ExternalServer(fleet.port, run.server_procs, arrivals)
+    log.info("hongbao's server under the floor's C clients: %d connections, phases %s",
+             args.connections, args.phases)
+    figures = floor.measure(Path(args.run_dir) / "c-clients", args.connections, args.hosts,
+                            list(args.phases), args.phase_seconds, args.ticks,
+                            args.connect_timeout, server)
+    stats = get_json(fleet.server_api, "/stats?seconds=0&audit=1", timeout=60, tries=3)
+    figures["ledger"] = ledger_check(stats.get("ledger", {}))
+    return figures
+
+
+def c_client_lines(result: dict[str, Any]) -> list[str]:
+    """Hongbao's server under C clients, its CPU per request against the C server's."""
+    cc = result.get("c_clients")
+    if not cc:
+        return []
+    floor_server = {r["target"]: r.get("server_cpu_us_per_request")
+                    for r in result.get("floor", {}).get("phases", [])}
+    lines = ["", "hongbao's server under the floor's C clients (--clients floor)"
+                 + (f", logged in in {cc['login_seconds']} s" if "login_seconds" in cc else "")]
+    fmt = "{:>8}{:>12}{:>11}{:>8}{:>8}{:>12}{:>12}{:>10}{:>16}"
+    lines.append(fmt.format("target", "arrival±2%", "answer±2%", "p50", "p99", "srv µs/req",
+                            "cli µs/req", "box CPU%", "srv/floor srv"))
+    for r in cc.get("phases", []):
+        theirs = floor_server.get(r["target"])
+        ratio = (f"{r['server_cpu_us_per_request'] / theirs:.2f}x" if theirs else "-")
+        lines.append(fmt.format(
+            r["target"], f"{100 * r['server_arrival_within']:.0f}%",
+            f"{100 * r['client_answered_within']:.0f}%", r.get("latency_p50_ms", "-"),
+            r.get("latency_p99_ms", "-"), r["server_cpu_us_per_request"],
+            r["client_cpu_us_per_request"], r.get("machine_cpu_percent", "-"), ratio))
+        if not r["passed"]:
+            lines.append(f"{'':>8}FAIL at {r['target']}/s: needs {100 * REQUIRED:.0f}% of "
+                         "seconds within ±2% at both ends and p99 < 100 ms")
+    return lines
+
+
 def attach_floor(result: dict[str, Any]) -> None:
     """Give each phase row the floor's CPU per request and hongbao's multiple of it."""
     floors = {r["target"]: r for r in (result.get("floor") or {}).get("phases", [])}
@@ -529,6 +588,7 @@ def print_table(result: dict[str, Any]) -> str:
                      f"connections; first failing step {ramp['first_failing'] or 'none'}"
                      + (f" ({'; '.join(ramp.get('why', []))})" if ramp.get("why") else ""))
     lines += floor_lines(f)
+    lines += c_client_lines(f)
     ledger = f.get("ledger", {})
     lines += ["", f"ledger balanced: {ledger.get('balanced')}  generated "
                   f"{ledger.get('generated')} granted {ledger.get('granted')} waiting "
@@ -561,6 +621,17 @@ def inner(args: settings.Config) -> int:
             result["floor"] = run_floor(args, run_dir / "floor")
         run.start_server()
         result["sets"] = run.sets
+        if args.clients == "floor":
+            result["c_clients"] = server_under_c_clients(args, run)
+            result["ledger"] = result["c_clients"].pop("ledger")
+            phases = result["c_clients"]["phases"]
+            result["passed"] = (bool(phases) and all(r["passed"] for r in phases)
+                                and bool(result["ledger"].get("balanced")))
+            result["reasons"] = [f"{r['target']}/s not served within the second"
+                                 for r in phases if not r["passed"]]
+            if not result["ledger"].get("balanced"):
+                result["reasons"].append("the ledger does not balance")
+            raise ClientsDone
         time.sleep(1.0)
         run.measure_idle("mem_empty")
         run.start_clients()
@@ -572,6 +643,8 @@ def inner(args: settings.Config) -> int:
         run.hold()
         if args.phases:
             run.run_phases()
+    except ClientsDone:
+        pass
     except OutOfResource as exc:
         run.figures["stopped_by"] = str(exc)
         sys.stderr.write(f"\nstopping early: {exc}\n")
@@ -584,7 +657,7 @@ def inner(args: settings.Config) -> int:
         sys.stderr.write(f"\nscale run failed: {exc}\n")
         code = 1
     try:
-        if run.fleet.server and run.fleet.server.exited() is None:
+        if run.fleet.server and run.fleet.server.exited() is None and args.clients != "floor":
             if "mem_connected" not in run.figures:  # stopped while connecting
                 run.measure_idle("mem_connected")
                 run.per_connection()
