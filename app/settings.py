@@ -232,7 +232,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ticks", _positive, "20", "pacing ticks per second, of the clients and of the "
             "floor", Z),
     Setting("ramp", _non_negative, "0", "after the phases, add this many SHAKEs/s a step "
-            "(each phase_seconds long) until a step fails; 0: no ramp", Z),
+            "(each phase_seconds long) until a step fails twice in a row; 0: no ramp", Z),
     Setting("ramp_steps", _positive, "10", "at most this many ramp steps", Z),
     Setting("floor", _choice("auto", "no"), "auto", "first run the same traffic through the C "
             "floor (app/bench/floor.c; the syscall floor without a compiler)", Z),

@@ -60,3 +60,26 @@ def test_bounded_scale_run(tmp_path):
     assert [r["client_sent"] for r in steady] == [QPS] * len(steady)
     assert result["errors"].get("client.lost", 0) == 0
     assert "table" not in result and "bytes_per_connection" in result
+
+
+@pytest.mark.slow
+def test_the_ramp_retries_a_failing_step_once_then_stops(tmp_path):
+    """--ramp: each step judged before the next starts; a failing step is tried twice.
+
+    3,000 users cannot be asked 100,300 times a second (one SHAKE in flight
+    per user): that step fails both times, and the ramp reports 300/s, the
+    planned phase, as the highest passing rate.
+    """
+    run_dir = tmp_path / "ramp"
+    cmd = [sys.executable, "-m", "app.bench", "scale", "--connections", "3000", "--hosts", "2",
+           "--phases", "300", "--ramp", "100000", "--ramp-steps", "4", "--hold", "0",
+           "--phase-seconds", "4", "--floor", "no", "--netns", "no", "--run-dir", str(run_dir)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = json.loads((run_dir / "result.json").read_text())
+    assert done.returncode == scale.EXIT_VERDICT_FAILED, done.stderr[-3000:]
+    ramp = result["ramp"]
+    assert [(s["target"], s["passed"]) for s in ramp["steps"]] == [
+        (300, True), (100_300, False), (100_300, False)]
+    assert ramp["highest_passing"] == 300 and ramp["first_failing"] == 100_300
+    assert [p["phase"] for p in result["phases"]] == ["300", "100k", "100k#2"]
+    assert "highest passing rate 300/s" in done.stdout

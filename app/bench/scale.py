@@ -93,6 +93,9 @@ def meminfo() -> dict[str, int]:
     return out
 
 
+RAMP_ATTEMPTS = 2  # a ramp step fails when it fails this many times in a row
+
+
 class ClientsDone(Exception):
     """The run with the floor's C clients is over: skip hongbao's clients."""
 
@@ -232,14 +235,24 @@ class ScaleRun:
                                 "dropped": max(0, a.connections - min(low, server_low))}
 
     def add_phase(self, qps: int, at: int) -> Phase:
-        phase = Phase(f"{qps // 1000}k" if qps >= 1000 else str(qps), qps, at,
+        name = f"{qps // 1000}k" if qps >= 1000 else str(qps)
+        tries = sum(1 for p in self.phases if p.target == qps)
+        phase = Phase(name + (f"#{tries + 1}" if tries else ""), qps, at,
                       at + self.args.phase_seconds)
         self.phases.append(phase)
         self.fleet.set_total(qps, at)
         return phase
 
     def run_phases(self) -> None:
-        """The planned phases back to back, then (``--ramp``) steps up until one fails."""
+        """The planned phases back to back, then (``--ramp``) steps up until one fails.
+
+        A ramp step is judged two seconds after it ends (the figures must be
+        in), the load staying at its rate meanwhile; only then does the next
+        step start: a step higher if it passed, the same step once more if
+        it failed for the first time (one noisy second on this machine
+        fails a phase), else the ramp ends. The last planned phase is the
+        ramp's first step.
+        """
         a = self.args
         at = int(time.time()) + 3
         for qps in a.phases:
@@ -248,17 +261,17 @@ class ScaleRun:
         ramping = a.ramp > 0
         if not ramping:
             self.fleet.set_total(0, at)
-        span = at - self.phases[0].start + (a.ramp_steps * a.phase_seconds if ramping else 0)
+        span = at - self.phases[0].start + (a.ramp_steps * (a.phase_seconds + 4)
+                                            if ramping else 0)
         self.fleet.start_envelopes(SHAKE_ENVELOPES_PER_S, SHAKE_ENVELOPES_PER_S * span,
                                    GROUPS_PER_S, GROUPS_PER_S * span, a.connections)
         cpu_marks: dict[str, cpu.Mark] = {}
         self.cpu_marks = cpu_marks  # kept up to date: a run stopped mid-phase still reports
-        judged: set[str] = set()
-        steps = 0
+        steps = failures = 0
         if ramping:
-            self.figures["ramp"] = {"step": a.ramp, "steps": [], "highest_passing": None,
-                                    "first_failing": None}
-        while time.time() < at + 2:
+            self.figures["ramp"] = {"step": a.ramp, "attempts": RAMP_ATTEMPTS, "steps": [],
+                                    "highest_passing": None, "first_failing": None}
+        while time.time() < at + 2 or ramping:
             self.check()
             now = time.time()
             for phase in self.phases:
@@ -268,51 +281,40 @@ class ScaleRun:
                 key = phase.name + ":end"
                 if key not in cpu_marks and now >= phase.end and phase.name in cpu_marks:
                     cpu_marks[key] = cpu.mark(self.server_procs(), self.client_procs())
-            if ramping and now >= at - 2:  # the next step starts where the last one ends
-                passing = all(r["passed"] for r in self.figures["ramp"]["steps"])
-                if steps < a.ramp_steps and passing:
-                    self.add_phase(self.phases[-1].target + a.ramp, at)
+            if ramping and now >= at + 2:  # the last phase ended two seconds ago: judge it
+                last = self.phases[-1]
+                passed, reasons = self.judge(last)
+                ramp = self.figures["ramp"]
+                failures = 0 if passed else failures + 1
+                if passed:
+                    ramp["highest_passing"] = last.target
+                if failures >= RAMP_ATTEMPTS or steps >= a.ramp_steps:
+                    if not passed:
+                        ramp["first_failing"], ramp["why"] = last.target, reasons
+                    self.fleet.set_total(0, int(now) + 1)
+                    at, ramping = int(now) + 1, False
+                else:
+                    target = last.target + (a.ramp if passed else 0)
+                    at = int(now) + 1
+                    self.add_phase(target, at)
                     at += a.phase_seconds
                     steps += 1
-                else:
-                    self.fleet.set_total(0, at)
-                    ramping = False
-            for phase in self.phases:
-                if a.ramp and phase.name not in judged and now >= phase.end + 2:
-                    judged.add(phase.name)
-                    # a ramp step that fails ends the run; a planned phase that
-                    # fails only means the ramp never starts (checked above)
-                    if not self.judge(phase) and ramping and phase.target > a.phases[-1]:
-                        at = min(at, int(now) + 1)
-                        self.fleet.set_total(0, at)
-                        self.phases = [p for p in self.phases if p.start < at]
-                        self.phases[-1].end = min(self.phases[-1].end, at)
-                        ramping = False
             self.poll_second(now)
             time.sleep(max(0.05, 1.0 - (time.time() % 1.0) + 0.3))
-        if a.ramp:  # the last step ended within the loop's last two seconds
-            for phase in self.phases:
-                if phase.name not in judged:
-                    self.judge(phase)
         sys.stderr.write("\n")
 
-    def judge(self, phase: Phase) -> bool:
-        """Whether a finished phase passed, kept in figures["ramp"] as the run goes."""
+    def judge(self, phase: Phase) -> tuple[bool, list[str]]:
+        """Whether a finished phase passed and why not, kept in figures["ramp"]."""
         stats = self.fleet.server_stats(int(time.time()) - phase.start + 2, tries=2, timeout=30)
         clients = self.fleet.client_stats(phase.start - 1, timeout=30)
         row = phase_summary(phase, build_seconds(stats, clients, self.polled, phase.start,
                                                  phase.end))
-        ramp = self.figures["ramp"]
-        ramp["steps"].append({"target": phase.target, "passed": row["passed"],
-                              "reasons": row["reasons"]})
-        if row["passed"] and ramp["first_failing"] is None:
-            ramp["highest_passing"] = max(ramp["highest_passing"] or 0, phase.target)
-        elif not row["passed"] and ramp["first_failing"] is None:
-            ramp["first_failing"] = phase.target
-            ramp["why"] = row["reasons"]
+        self.figures["ramp"]["steps"].append({"phase": phase.name, "target": phase.target,
+                                              "passed": row["passed"],
+                                              "reasons": row["reasons"]})
         sys.stderr.write(f"\n{phase.name}: {'passed' if row['passed'] else 'FAILED'} "
                          f"{'; '.join(row['reasons'])}\n")
-        return row["passed"]
+        return row["passed"], row["reasons"]
 
     def poll_second(self, now: float) -> None:
         snap = self.fleet.snapshot(self.polled, self.phases, now, timeout=5)
@@ -538,6 +540,14 @@ def print_table(result: dict[str, Any]) -> str:
              f"stopped by: {f['stopped_by'] or 'nothing (completed)'}", ""]
     held = f.get("held", {})
     bpc = f.get("bytes_per_connection", {})
+    if "c_clients" in f:  # hongbao's own clients never ran: only the C clients' table
+        lines += floor_lines(f) + c_client_lines(f)
+        ledger = f.get("ledger", {})
+        lines += ["", f"ledger balanced: {ledger.get('balanced')}  generated "
+                      f"{ledger.get('generated')} granted {ledger.get('granted')} waiting "
+                      f"{ledger.get('waiting')} expired {ledger.get('expired')}",
+                  f"run dir: {f['run_dir']}", *(verdict_lines(f) if "passed" in f else [])]
+        return "\n".join(lines)
     lines += [
         f"connections logged in     {f.get('connected', 0):>10}   in {f.get('login_seconds', '-')}"
         f" s ({f.get('connect_rate_per_s', '-')}/s)",
@@ -583,12 +593,12 @@ def print_table(result: dict[str, Any]) -> str:
             r.get("gc_pause_max_ms", "-")))
     ramp = f.get("ramp")
     if ramp:
-        lines.append(f"ramp (+{ramp['step']}/s a step): highest passing rate "
+        lines.append(f"ramp (+{ramp['step']}/s a step, a failing step tried "
+                     f"{ramp.get('attempts', 1)} times): highest passing rate "
                      f"{ramp['highest_passing'] or 'none'}/s at {f['target_connections']} "
                      f"connections; first failing step {ramp['first_failing'] or 'none'}"
                      + (f" ({'; '.join(ramp.get('why', []))})" if ramp.get("why") else ""))
     lines += floor_lines(f)
-    lines += c_client_lines(f)
     ledger = f.get("ledger", {})
     lines += ["", f"ledger balanced: {ledger.get('balanced')}  generated "
                   f"{ledger.get('generated')} granted {ledger.get('granted')} waiting "
