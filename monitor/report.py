@@ -85,6 +85,28 @@ def _record_values(record: dict, key: str, subkey: str | None,
     return {"": value}
 
 
+def spread_readings(points: Points) -> Points:
+    """Per-second rates of a running total read less often than each second.
+
+    A second that repeats the previous value repeats the previous reading; the
+    next change is spread evenly over every second since the last one, instead
+    of drawing a zero and then a double.
+    """
+    out: Points = []
+    last_t, last_v = None, None
+    for t, v in points:
+        if last_t is None:
+            last_t, last_v = t, v
+            continue
+        if v == last_v:
+            continue
+        span = t - last_t
+        rate = (v - last_v) / span if span > 0 else 0.0
+        out.extend((last_t + k + 1, round(rate, 6)) for k in range(int(span)))
+        last_t, last_v = t, v
+    return out
+
+
 def series_from_records(records: list[dict], view: View, start: float = -math.inf,
                         end: float = math.inf) -> dict[str, Points]:
     """{label: points} in [start, end] for the view's series whose key the records carry."""
@@ -99,7 +121,9 @@ def series_from_records(records: list[dict], view: View, start: float = -math.in
                     label = f"{item} {s.label}" if item else s.label
                     lines.setdefault(label, []).append((float(r["t"]), float(value)))
         for label, points in lines.items():
-            if s.cumulative:  # a running total each second: draw what changed in that second
+            if s.sampled:  # keep each reading once: a rate over the seconds it spans
+                points = spread_readings(points)
+            elif s.cumulative:  # a running total each second: what changed in that second
                 deltas = [(t, v - before) for (_, before), (t, v) in itertools.pairwise(points)]
                 if all(v >= 0 for _, v in deltas):  # else it was per-second after all
                     points = [(t, round(v, 6)) for t, v in deltas]

@@ -27,6 +27,9 @@ class Series:
     key: str | None = None  # None: Graphite only
     subkey: str | None = None  # for dict-valued keys such as server_by_result
     cumulative: bool = False  # seconds.jsonl holds a running total (ledger snapshot)
+    # a running total that never stands still (CPU of live processes): a second that
+    # repeats the last value repeats the last reading (at 1M the bench reads every ~2 s)
+    sampled: bool = False
     per_item: bool = False  # one line per host: Graphite's per-host series, or the
     # record's {host: {subkey: value}}
     scale: float = 1.0  # record value times this (bytes -> MiB)
@@ -81,8 +84,8 @@ VIEWS: tuple[View, ...] = (
     ), counts=False, hint="Both lines flat at the run's connection count; a step down is "
                           "connections dropped."),
     View("cpu", "CPU used by the server and the clients", "cores busy", (
-        Series("server", "", "server_cpu_seconds", cumulative=True),
-        Series("clients", "", "client_cpu_seconds", cumulative=True),
+        Series("server", "", "server_cpu_seconds", cumulative=True, sampled=True),
+        Series("clients", "", "client_cpu_seconds", cumulative=True, sampled=True),
     ), counts=False, hint="CPU seconds per second of each side's processes; a side near the "
                           "machine's core count has no room left."),
     View("memory", "Resident memory", "MiB", (

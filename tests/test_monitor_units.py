@@ -127,3 +127,14 @@ def test_statsd_bind_is_loopback_unless_told_and_must_be_an_address(tmp_path):
     assert "0.0.0.0" not in carbon
     with pytest.raises(StackError):
         Stack(root=tmp_path, statsd_bind='1.2.3.4", x: "').write_configs()
+
+
+def test_a_cpu_total_read_every_other_second_is_drawn_as_an_even_rate():
+    """At one million connections the bench reads CPU every ~2 s: a repeated reading
+    must not draw as a zero followed by a double."""
+    from monitor.report import spread_readings
+
+    readings = [(1, 10.0), (2, 10.0), (3, 12.0), (4, 13.0), (5, 13.0), (6, 13.0), (7, 16.0)]
+    assert spread_readings(readings) == [(2, 1.0), (3, 1.0), (4, 1.0), (5, 1.0), (6, 1.0),
+                                         (7, 1.0)]
+    assert spread_readings([(1, 5.0)]) == []
