@@ -24,7 +24,7 @@ from app.local.runner import ROOT
 def test_client_layout_splits_hosts_like_the_agent():
     layout = floor.client_layout(1_000_000, 17)
     assert sum(n for _, n in layout) == 1_000_000
-    assert len(layout) == 17 * 4  # 58,823 users a host, 19,000 a process at most
+    assert len(layout) == 17 * 3  # 58,823 users a host, 19,700 a process at most
     assert max(n for _, n in layout) <= PER_PROCESS
     firsts = [f for f, _ in layout]
     assert firsts == sorted(firsts) and firsts[0] == 1

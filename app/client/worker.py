@@ -80,9 +80,11 @@ MAX_IN_FLIGHT = 1000
 # Seconds the process sleeps after a batch of answers before polling again
 # (app.reactor): answers from many SETs arriving at different moments are
 # read in one wake-up. Measured at 200k connections, 17 hosts, 11 SETs,
-# 30,000/s: client wake-ups 13,238/s -> 2,613/s, 29.7 -> 21.2 µs a request;
-# latency is measured after the sleep, so it includes up to this much.
-COALESCE = 0.005
+# 30,000/s: client wake-ups 13,238/s -> 2,613/s, 29.7 -> 21.2 µs a request
+# with 5 ms; at one million 10 ms (and fewer workers, see agent.PER_PROCESS)
+# took the clients' wake-ups from 4,800/s to 2,929/s. Latency is measured
+# after the sleep, so it includes up to this much.
+COALESCE = 0.010
 # A process stops asking once this many seconds of its rate are unanswered
 # (the asks are skipped and counted as busy). Per user one SHAKE is already
 # the limit, but at one million users that still let ~1M sockets each hold an
