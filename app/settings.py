@@ -217,8 +217,9 @@ SETTINGS: tuple[Setting, ...] = (
             Z),
     Setting("phase_seconds", _positive, "60", "seconds of each phase", Z),
     Setting("sets", _sets, "auto", "server SET workers, or 'auto' (descriptor limit)", Z),
-    Setting("connect_rate", _positive, "6000", "new connections per second over all hosts "
-            "(the server on this machine logs in ~7k/s; faster only queues logins)", Z),
+    Setting("connect_rate", _positive, "12000", "new connections per second over all hosts "
+            "(measured: one million logged in at 11,400/s with 0 failures; the server alone "
+            "took 16,000/s from C clients)", Z),
     Setting("connect_timeout", _positive, "900", "seconds for every connection to log in", Z),
     Setting("mem_floor_mb", _positive, "1536",
             "stop cleanly when MemAvailable falls below this (MiB)", Z),
