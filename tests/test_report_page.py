@@ -109,6 +109,24 @@ def changes(rows: list[dict], key: str) -> list[tuple[float, float]]:
             for a, b in zip(rows, rows[1:], strict=False)]
 
 
+def spread(rows: list[dict], key: str) -> list[tuple[float, float]]:
+    """A running total read less often than each second (CPU): each change as an even
+    rate over the seconds since the previous change, a repeated reading drawn nowhere."""
+    out: list[tuple[float, float]] = []
+    last: tuple[float, float] | None = None
+    for r in rows:
+        if r.get(key) is None:
+            continue
+        t, v = float(r["t"]), r[key]
+        if last is not None and v != last[1]:
+            seconds = int(t - last[0])
+            out += [(last[0] + k, round((v - last[1]) / (t - last[0]), 6))
+                    for k in range(1, seconds + 1)]
+        if last is None or v != last[1]:
+            last = (t, v)
+    return out
+
+
 def points(rows: list[dict], value) -> list[tuple[float, float]]:
     return [(float(r["t"]), float(value(r))) for r in rows if value(r) is not None]
 
@@ -135,8 +153,8 @@ def expected_graphs(rows: list[dict]) -> dict[str, dict[str, list]]:
                               "GC pause": points(rows, lambda r: r["gc_pause_ms"])},
         "connections.png": {"server": points(rows, lambda r: r["connections"]),
                             "clients": points(rows, lambda r: r["client_connections"])},
-        "cpu.png": {"server": changes(rows, "server_cpu_seconds"),
-                    "clients": changes(rows, "client_cpu_seconds")},
+        "cpu.png": {"server": spread(rows, "server_cpu_seconds"),
+                    "clients": spread(rows, "client_cpu_seconds")},
         "memory.png": {"server": points(rows, lambda r: r["server_rss_bytes"] / mib),
                        "clients": points(rows, lambda r: r["client_rss_bytes"] / mib)},
         "network.png": {f"{host} in": points(net, lambda r: r["net"][host]["packets_in"]),
