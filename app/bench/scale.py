@@ -96,10 +96,6 @@ def meminfo() -> dict[str, int]:
 RAMP_ATTEMPTS = 2  # a ramp step fails when it fails this many times in a row
 
 
-class ClientsDone(Exception):
-    """The run with the floor's C clients is over: skip hongbao's clients."""
-
-
 EXIT_VERDICT_FAILED = 3  # exit code of a run that completed and failed its verdict
 
 
@@ -460,8 +456,14 @@ def server_under_c_clients(args: settings.Config, run: ScaleRun) -> dict[str, An
                             list(args.phases), args.phase_seconds, args.ticks,
                             args.connect_timeout, server)
     stats = get_json(fleet.server_api, "/stats?seconds=0&audit=1", timeout=60, tries=3)
-    figures["ledger"] = ledger_check(stats.get("ledger", {}))
-    return figures
+    ledger = ledger_check(stats.get("ledger", {}))
+    phases = figures["phases"]
+    reasons = [f"{r['target']}/s not served within the second" for r in phases
+               if not r["passed"]]
+    if not ledger.get("balanced"):
+        reasons.append("the ledger does not balance")
+    return {"c_clients": figures, "ledger": ledger, "passed": bool(phases) and not reasons,
+            "reasons": reasons}
 
 
 def c_client_lines(result: dict[str, Any]) -> list[str]:
@@ -533,6 +535,13 @@ def floor_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def ledger_line(result: dict[str, Any]) -> str:
+    ledger = result.get("ledger", {})
+    return (f"ledger balanced: {ledger.get('balanced')}  generated {ledger.get('generated')} "
+            f"granted {ledger.get('granted')} waiting {ledger.get('waiting')} expired "
+            f"{ledger.get('expired')}")
+
+
 def print_table(result: dict[str, Any]) -> str:
     f = result
     lines = [f"hongbao scale: {f['target_connections']} connections target on {f['hosts']} "
@@ -541,11 +550,7 @@ def print_table(result: dict[str, Any]) -> str:
     held = f.get("held", {})
     bpc = f.get("bytes_per_connection", {})
     if "c_clients" in f:  # hongbao's own clients never ran: only the C clients' table
-        lines += floor_lines(f) + c_client_lines(f)
-        ledger = f.get("ledger", {})
-        lines += ["", f"ledger balanced: {ledger.get('balanced')}  generated "
-                      f"{ledger.get('generated')} granted {ledger.get('granted')} waiting "
-                      f"{ledger.get('waiting')} expired {ledger.get('expired')}",
+        lines += [*floor_lines(f), *c_client_lines(f), "", ledger_line(f),
                   f"run dir: {f['run_dir']}", *(verdict_lines(f) if "passed" in f else [])]
         return "\n".join(lines)
     lines += [
@@ -599,10 +604,7 @@ def print_table(result: dict[str, Any]) -> str:
                      f"connections; first failing step {ramp['first_failing'] or 'none'}"
                      + (f" ({'; '.join(ramp.get('why', []))})" if ramp.get("why") else ""))
     lines += floor_lines(f)
-    ledger = f.get("ledger", {})
-    lines += ["", f"ledger balanced: {ledger.get('balanced')}  generated "
-                  f"{ledger.get('generated')} granted {ledger.get('granted')} waiting "
-                  f"{ledger.get('waiting')} expired {ledger.get('expired')}",
+    lines += ["", ledger_line(f),
               f"group envelopes: {f.get('group')}",
               f"errors by kind: {f.get('errors') or 'none'}",
               *([f"WARNING: only {f.get('sets_up')} of {f.get('sets')} SETs answered the final "
@@ -632,29 +634,19 @@ def inner(args: settings.Config) -> int:
         run.start_server()
         result["sets"] = run.sets
         if args.clients == "floor":
-            result["c_clients"] = server_under_c_clients(args, run)
-            result["ledger"] = result["c_clients"].pop("ledger")
-            phases = result["c_clients"]["phases"]
-            result["passed"] = (bool(phases) and all(r["passed"] for r in phases)
-                                and bool(result["ledger"].get("balanced")))
-            result["reasons"] = [f"{r['target']}/s not served within the second"
-                                 for r in phases if not r["passed"]]
-            if not result["ledger"].get("balanced"):
-                result["reasons"].append("the ledger does not balance")
-            raise ClientsDone
-        time.sleep(1.0)
-        run.measure_idle("mem_empty")
-        run.start_clients()
-        run.measure_idle("mem_clients_started")
-        run.connect_all()
-        time.sleep(2.0)
-        run.measure_idle("mem_connected")
-        run.per_connection()
-        run.hold()
-        if args.phases:
-            run.run_phases()
-    except ClientsDone:
-        pass
+            result.update(server_under_c_clients(args, run))
+        else:
+            time.sleep(1.0)
+            run.measure_idle("mem_empty")
+            run.start_clients()
+            run.measure_idle("mem_clients_started")
+            run.connect_all()
+            time.sleep(2.0)
+            run.measure_idle("mem_connected")
+            run.per_connection()
+            run.hold()
+            if args.phases:
+                run.run_phases()
     except OutOfResource as exc:
         run.figures["stopped_by"] = str(exc)
         sys.stderr.write(f"\nstopping early: {exc}\n")
