@@ -45,6 +45,7 @@ import gevent
 from gevent.event import Event
 
 from app.arbiter import EXIT_BOOT_ERROR
+from app.client import fastpath
 from app.client.histogram import Histogram
 from app.client.schedule import Timeline, clip, tick_span
 from app.protocol import (
@@ -131,6 +132,10 @@ class Conn:
         self.since = 0.0
         self.asks = 0  # SHAKEs sent for this user, and the second of the last one
         self.asked = 0  # (read only by the on-demand coverage report)
+
+
+# The bulk SHAKE path over these records: compiled when built (app.client.fastpath)
+HOT = fastpath.implementation(Conn, READY)
 
 
 class Worker:
@@ -299,8 +304,22 @@ class Worker:
     # --- events ---------------------------------------------------------------
     def _dispatch(self, events: list[tuple[int, int]]) -> None:
         now = time.time()
+        # Lone SHAKE_RESULTs of plain connections counted in bulk (app.client.fastpath),
+        # then what was read that was not only those, then the events not read.
+        rest, got, answered, amount, released = HOT.read_answers(
+            events, self.by_fd, READ_SIZE, now, self.hist, self.results)
+        self.answered += answered
+        self.shake_amount += amount
+        self.outstanding -= released
+        for conn, data in got:
+            if conn.fd < 0:
+                continue  # dropped meanwhile
+            if data is None:
+                self.drop(conn, now)
+            else:
+                self._on_data(conn, data, now)
         by_fd = self.by_fd
-        for fd, mask in events:
+        for fd, mask in rest:
             conn = by_fd.get(fd)
             if conn is None:
                 if fd == self.stdin:
@@ -315,24 +334,27 @@ class Worker:
                 self.send(conn, conn.session.login(int(now)), now)
                 continue
             if mask & select.EPOLLOUT and conn.out:
-                rest = write_some(fd, conn.out)
-                if rest is None:
+                rest_out = write_some(fd, conn.out)
+                if rest_out is None:
                     self.drop(conn, now)
                     continue
-                conn.out = rest
-                if not rest:
+                conn.out = rest_out
+                if not rest_out:
                     self.reactor.modify(fd, READ)
             if mask & _READABLE:
                 data = read_some(fd, READ_SIZE)
                 if data is None:
                     self.drop(conn, now)
                 elif data:
-                    try:
-                        self._frames(conn, data, now)
-                    except ProtocolError as exc:
-                        log.warning("user %d: %s", conn.userid, exc)
-                        self.errors += 1
-                        self.drop(conn, now)
+                    self._on_data(conn, data, now)
+
+    def _on_data(self, conn: Conn, data: bytes, now: float) -> None:
+        try:
+            self._frames(conn, data, now)
+        except ProtocolError as exc:
+            log.warning("user %d: %s", conn.userid, exc)
+            self.errors += 1
+            self.drop(conn, now)
 
     def _frames(self, conn: Conn, data: bytes, now: float) -> None:
         """The server's frames, through the connection's session (raises ProtocolError)."""
@@ -417,32 +439,13 @@ class Worker:
         conns, base, sent, skipped, busy = self.conns, self.begin, 0, 0, 0
         outstanding = self.outstanding
         cap = max(MIN_OUTSTANDING, int(self.qps * self.share * OUTSTANDING_SECONDS))
-        send, write = self.send, os.write
         for lo, hi in clip(start, count, self.n, self.begin, self.end):
-            for conn in conns[lo - base:hi - base]:
-                if conn.state != READY:
-                    skipped += 1
-                    continue
-                # closed loop: this user's previous SHAKE is unanswered, or this
-                # process already waits for OUTSTANDING_SECONDS of answers
-                if conn.sent_at or outstanding >= cap:
-                    busy += 1
-                    continue
-                frame = conn.session.shake(second)
-                try:  # the common case inlined: nothing queued, the socket takes it all
-                    done = -1 if conn.out else write(conn.fd, frame)
-                except OSError:
-                    done = -1  # let send() sort out EAGAIN from a peer that is gone
-                if done != len(frame):
-                    send(conn, frame[max(done, 0):], now)
-                if conn.state == READY:
-                    conn.sent_at = now
-                    outstanding += 1
-                    conn.asks += 1
-                    conn.asked = second
-                    sent += 1
-                else:
-                    skipped += 1  # the write found the connection gone
+            asked = HOT.send_shakes(conns[lo - base:hi - base], second, now, cap, outstanding,
+                                    self.send)
+            sent += asked[0]
+            skipped += asked[1]
+            busy += asked[2]
+            outstanding = asked[3]
         self.outstanding = outstanding
         if sent:
             self.sent[second] = self.sent.get(second, 0) + sent

@@ -16,7 +16,7 @@ from app import protocol as p
 from app.metrics.statsd import Metrics
 from app.server.ledger import Ledger
 from app.server.set_stats import SetStats
-from app.server.transport import Conn, Transport
+from app.server.transport import HOT, Conn, Transport
 from app.shares import share as budget_share
 
 GEN_TICKS = 10  # envelope generation ticks per second
@@ -92,6 +92,31 @@ class Service:
                 self.claim(conn, event.envelope_id, second)
             else:  # ClaimRefused
                 self.claim(conn, event.envelope_id, second, refused=True)
+
+    def serve_shakes(self, shakers: list[Conn], sents: list[int], second: int) -> None:
+        """Answer a batch's lone SHAKEs at once (``app.server.fastpath.read_shakes``).
+
+        The same answers as ``shake`` once per entry, in order: the budget
+        admits the first ones, the bucket grants the first admitted, the rest
+        of the admitted find none left, the others are over budget.
+        """
+        if second != self.budget_second:
+            self.budget_second, self.budget_used = second, 0
+        n = len(shakers)
+        allowed = min(n, max(0, self.budget - self.budget_used))
+        self.budget_used += n
+        granted: list[tuple[int, int]] = []
+        take = self.ledger.take
+        for conn in shakers[:allowed]:
+            got = take(conn.userid)
+            if got is None:
+                break
+            granted.append(got)
+            self.metrics.incr("envelopes.granted")
+            self.metrics.incr("amount.granted", got[1])
+        self.stats.shakes(sents, len(granted), allowed, second)
+        transport = self.transport
+        HOT.queue_results(shakers, granted, allowed, second, transport.dirty, transport.send)
 
     def shake(self, conn: Conn, sent: int, second: int) -> None:
         eid = amount = 0

@@ -17,6 +17,8 @@ TIMESTAMP_SLACK = 60  # a frame timestamp further than this from our clock count
 CODE_INDEX = {int(p.ShakeCode.GOT): 0, int(p.ShakeCode.NONE_LEFT): 1,
               int(p.ShakeCode.REFUSED): 2, int(p.ShakeCode.OVERLOAD): 3}
 SHAKE_METRIC = ("shakes.14", "shakes.15", "shakes.16", "shakes.17")
+GOT, NONE_LEFT, OVERLOAD = (int(c) for c in (p.ShakeCode.GOT, p.ShakeCode.NONE_LEFT,
+                                             p.ShakeCode.OVERLOAD))
 
 
 class SetStats:
@@ -45,6 +47,29 @@ class SetStats:
             row = self.by_arrival[second] = [0, 0, 0, 0]
         row[index] += 1
         self.shake_totals[index] += 1
+
+    def shakes(self, sents: list[int], granted: int, allowed: int, second: int) -> None:
+        """A batch of SHAKEs answered in order: ``granted`` GOT, then NONE_LEFT up to
+        ``allowed``, the rest OVERLOAD — the same counts as ``shake`` per entry."""
+        n = len(sents)
+        if not n:
+            return
+        row = [granted, allowed - granted, 0, n - allowed]
+        if sents.count(second) != n:  # stamped in other seconds too: one by one
+            for i, sent in enumerate(sents):
+                code = GOT if i < granted else NONE_LEFT if i < allowed else OVERLOAD
+                self.shake(code, sent, second)
+            return
+        for table in (self.by_sent, self.by_arrival):
+            have = table.get(second)
+            if have is None:
+                table[second] = list(row)
+            else:
+                for i in range(4):
+                    have[i] += row[i]
+        totals = self.shake_totals
+        for i in range(4):
+            totals[i] += row[i]
 
     def end_second(self, now: float, metrics: Metrics, lag: float, pause: float) -> None:
         """Once a second: drop old rows, send shake deltas, record loop health."""

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from app import protocol as p
 from app.reactor import READ, READ_WRITE, Reactor, close_fd, write_some
+from app.server import fastpath
 
 MAX_OUTBUF = 64 * 1024  # a peer that does not read its answers is cut off past this
 
@@ -32,6 +33,10 @@ class Conn(p.ServerSession):
         self.fd = fd
         self.out = b""
         self.blocked = False  # waiting for EPOLLOUT with ``out`` pending
+
+
+# The bulk SHAKE path over these records: compiled when built (app.server.fastpath)
+HOT = fastpath.implementation(Conn)
 
 
 class Transport:
@@ -77,18 +82,13 @@ class Transport:
     def release(self) -> None:
         """Write every queued answer (the caller has made their records safe)."""
         dirty, self.dirty = self.dirty, []
-        for conn in dirty:
-            if conn.blocked or self.conns.get(conn.fd) is not conn:
-                continue
-            rest = write_some(conn.fd, conn.out)
+        for conn, rest in HOT.write_out(dirty, self.conns):
             if rest is None:
                 self.close(conn, "peer_closed")
-            elif rest:
+            else:
                 conn.out = rest
                 conn.blocked = True
                 self.reactor.modify(conn.fd, READ_WRITE)
-            else:
-                conn.out = b""
 
     def discard(self) -> None:
         """Drop every queued answer unsent (their records could not be made safe)."""

@@ -1,0 +1,372 @@
+/* app.client._fastclient: the compiled twin of app.client.fastpath (read its docstring).
+ *
+ * Same functions, same arguments, same results; the pure-Python module is the
+ * reference and tests/test_fastpath.py runs both on the same input.
+ */
+#include "../hotslots.h"
+#include <sys/epoll.h>
+
+#define SHAKE_SIZE 16
+#define SHAKE_CMD 2
+#define RESULT_SIZE 28
+#define RESULT_CMD 3
+#define GOT 14
+#define MAX_READ 65536
+/* app.client.histogram: 8 linear sub-buckets per power of two, exact below 16 */
+#define SUB_BITS 3
+#define SUB (1 << SUB_BITS)
+#define LINEAR (SUB * 2)
+
+static PyTypeObject *conn_type = NULL, *session_type = NULL;
+static PyObject *open_phase = NULL, *zero_float = NULL, *one = NULL;
+static long ready_state = -1;
+static Py_ssize_t off_userid, off_fd, off_state, off_out, off_session, off_sent_at, off_asks,
+    off_asked, off_phase, off_buf;
+
+static PyObject *
+bind(PyObject *self, PyObject *args)
+{
+    PyObject *ctype, *stype, *phase;
+    long ready;
+    if (!PyArg_ParseTuple(args, "O!O!Ol", &PyType_Type, &ctype, &PyType_Type, &stype, &phase,
+                          &ready))
+        return NULL;
+    const char *cnames[8] = {"userid", "fd", "state", "out", "session", "sent_at", "asks",
+                             "asked"};
+    Py_ssize_t *coffs[8] = {&off_userid, &off_fd, &off_state, &off_out, &off_session,
+                            &off_sent_at, &off_asks, &off_asked};
+    for (int i = 0; i < 8; i++) {
+        Py_ssize_t off = slot_offset((PyTypeObject *)ctype, cnames[i]);
+        if (off < 0)
+            return NULL;
+        *coffs[i] = off;
+    }
+    if ((off_phase = slot_offset((PyTypeObject *)stype, "phase")) < 0
+        || (off_buf = slot_offset((PyTypeObject *)stype, "_buf")) < 0)
+        return NULL;
+    Py_INCREF(ctype);
+    Py_XSETREF(conn_type, (PyTypeObject *)ctype);
+    Py_INCREF(stype);
+    Py_XSETREF(session_type, (PyTypeObject *)stype);
+    Py_INCREF(phase);
+    Py_XSETREF(open_phase, phase);
+    ready_state = ready;
+    Py_RETURN_NONE;
+}
+
+/* conn.state as a C long; -2 (never a state) when it is not an int. */
+static long
+state_of(PyObject *conn)
+{
+    PyObject *v = SLOT(conn, off_state);
+    if (v == NULL || !PyLong_CheckExact(v))
+        return -2;
+    long s = PyLong_AsLong(v);
+    if (s == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return -2;
+    }
+    return s;
+}
+
+/* Truth of conn.sent_at (a float; 0.0 = nothing unanswered); -1 on error. */
+static int
+unanswered(PyObject *conn)
+{
+    PyObject *v = SLOT(conn, off_sent_at);
+    if (v == NULL)
+        return 0;
+    if (PyFloat_CheckExact(v))
+        return PyFloat_AS_DOUBLE(v) != 0.0;
+    return PyObject_IsTrue(v);
+}
+
+static int
+check_record(PyObject *conn)
+{
+    if (Py_TYPE(conn) != conn_type || SLOT(conn, off_userid) == NULL || SLOT(conn, off_fd) == NULL
+        || SLOT(conn, off_out) == NULL || SLOT(conn, off_asks) == NULL) {
+        PyErr_SetString(PyExc_TypeError, "conns must be bound connection records");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+send_shakes(PyObject *self, PyObject *args)
+{
+    PyObject *conns, *nowobj, *send;
+    unsigned long long second;
+    Py_ssize_t cap, outstanding;
+    if (!PyArg_ParseTuple(args, "O!KO!nnO", &PyList_Type, &conns, &second, &PyFloat_Type,
+                          &nowobj, &cap, &outstanding, &send))
+        return NULL;
+    if (conn_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "bind() the connection class first");
+        return NULL;
+    }
+    PyObject *secondobj = PyLong_FromUnsignedLongLong(second);
+    if (secondobj == NULL)
+        return NULL;
+    Py_ssize_t sent = 0, skipped = 0, busy = 0;
+    unsigned char frame[SHAKE_SIZE];
+    put_u16(frame, SHAKE_SIZE);
+    put_u16(frame + 2, SHAKE_CMD);
+    put_u64(frame + 4, (uint64_t)second);
+    /* iterate over a copy of the references: send() may run Python code */
+    Py_ssize_t count = PyList_GET_SIZE(conns);
+    for (Py_ssize_t i = 0; i < count && i < PyList_GET_SIZE(conns); i++) {
+        PyObject *conn = PyList_GET_ITEM(conns, i);
+        if (check_record(conn) < 0)
+            goto fail;
+        if (state_of(conn) != ready_state) {
+            skipped++;
+            continue;
+        }
+        int waiting = unanswered(conn);
+        if (waiting < 0)
+            goto fail;
+        if (waiting || outstanding >= cap) {
+            busy++;
+            continue;
+        }
+        put_u32(frame + 12, (uint32_t)PyLong_AsUnsignedLongMask(SLOT(conn, off_userid)));
+        Py_ssize_t done = -1;
+        if (slot_empty_bytes(conn, off_out)) {
+            long fd = PyLong_AsLong(SLOT(conn, off_fd));
+            if (fd == -1 && PyErr_Occurred())
+                goto fail;
+            done = write_fd((int)fd, (const char *)frame, SHAKE_SIZE);
+        }
+        if (done != SHAKE_SIZE) {
+            Py_ssize_t from = done > 0 ? done : 0;
+            PyObject *rest = PyBytes_FromStringAndSize((const char *)frame + from,
+                                                       SHAKE_SIZE - from);
+            if (rest == NULL)
+                goto fail;
+            Py_INCREF(conn);  /* send() may drop the record from every list */
+            PyObject *r = PyObject_CallFunctionObjArgs(send, conn, rest, nowobj, NULL);
+            Py_DECREF(rest);
+            if (r == NULL) {
+                Py_DECREF(conn);
+                goto fail;
+            }
+            Py_DECREF(r);
+            int still = state_of(conn) == ready_state;
+            Py_DECREF(conn);
+            if (!still) {
+                skipped++;  /* the write found the connection gone */
+                continue;
+            }
+        }
+        slot_set(conn, off_sent_at, nowobj);
+        outstanding++;
+        PyObject *asks = PyNumber_Add(SLOT(conn, off_asks), one);
+        if (asks == NULL)
+            goto fail;
+        slot_steal(conn, off_asks, asks);
+        slot_set(conn, off_asked, secondobj);
+        sent++;
+    }
+    Py_DECREF(secondobj);
+    return Py_BuildValue("(nnnn)", sent, skipped, busy, outstanding);
+fail:
+    Py_DECREF(secondobj);
+    return NULL;
+}
+
+static int
+plain(PyObject *conn, long mask)
+{
+    if (Py_TYPE(conn) != conn_type || mask != EPOLLIN || state_of(conn) != ready_state
+        || !slot_empty_bytes(conn, off_out) || SLOT(conn, off_sent_at) == NULL)
+        return 0;
+    PyObject *session = SLOT(conn, off_session);
+    return session != NULL && Py_TYPE(session) == session_type
+        && SLOT(session, off_phase) == open_phase && slot_empty_bytes(session, off_buf);
+}
+
+static int
+only_results(const unsigned char *buf, Py_ssize_t n)
+{
+    if (n == 0 || n % RESULT_SIZE)
+        return 0;
+    for (Py_ssize_t at = 0; at < n; at += RESULT_SIZE)
+        if (get_u16(buf + at) != RESULT_SIZE || get_u16(buf + at + 2) != RESULT_CMD)
+            return 0;
+    return 1;
+}
+
+static long long
+bucket(long long us)
+{
+    if (us < LINEAR)
+        return us > 0 ? us : 0;
+    int bits = 64 - __builtin_clzll((unsigned long long)us);
+    int shift = bits - SUB_BITS - 1;
+    return SUB + (long long)shift * SUB + ((us >> shift) & (SUB - 1));
+}
+
+/* d[key] = d.get(key, 0) + 1 for a C integer key. */
+static int
+count_in(PyObject *d, long long key)
+{
+    PyObject *k = PyLong_FromLongLong(key);
+    if (k == NULL)
+        return -1;
+    PyObject *old = PyDict_GetItemWithError(d, k);
+    PyObject *v;
+    if (old == NULL) {
+        if (PyErr_Occurred()) {
+            Py_DECREF(k);
+            return -1;
+        }
+        v = PyLong_FromLong(1);
+    } else {
+        v = PyNumber_Add(old, one);
+    }
+    int rc = v == NULL ? -1 : PyDict_SetItem(d, k, v);
+    Py_XDECREF(v);
+    Py_DECREF(k);
+    return rc;
+}
+
+static PyObject *
+read_answers(PyObject *self, PyObject *args)
+{
+    PyObject *events, *by_fd, *hist, *results;
+    Py_ssize_t size;
+    double now;
+    if (!PyArg_ParseTuple(args, "O!O!ndOO!", &PyList_Type, &events, &PyDict_Type, &by_fd, &size,
+                          &now, &hist, &PyDict_Type, &results))
+        return NULL;
+    if (conn_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "bind() the connection class first");
+        return NULL;
+    }
+    if (size <= 0 || size > MAX_READ) {
+        PyErr_SetString(PyExc_ValueError, "read size out of range");
+        return NULL;
+    }
+    PyObject *counts = PyObject_GetAttrString(hist, "counts");
+    if (counts == NULL)
+        return NULL;
+    if (!PyDict_Check(counts)) {
+        Py_DECREF(counts);
+        PyErr_SetString(PyExc_TypeError, "hist.counts must be a dict");
+        return NULL;
+    }
+    unsigned char buf[MAX_READ];
+    Py_ssize_t answered = 0, released = 0;
+    long long amount = 0;
+    PyObject *rest = PyList_New(0), *got = PyList_New(0);
+    if (rest == NULL || got == NULL)
+        goto fail;
+    Py_ssize_t count = PyList_GET_SIZE(events);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *event = PyList_GET_ITEM(events, i);
+        if (!PyTuple_Check(event) || PyTuple_GET_SIZE(event) != 2) {
+            PyErr_SetString(PyExc_TypeError, "events are (fd, mask) pairs");
+            goto fail;
+        }
+        PyObject *fdobj = PyTuple_GET_ITEM(event, 0);
+        long mask = PyLong_AsLong(PyTuple_GET_ITEM(event, 1));
+        if (mask == -1 && PyErr_Occurred())
+            goto fail;
+        PyObject *conn = PyDict_GetItemWithError(by_fd, fdobj);
+        if (conn == NULL && PyErr_Occurred())
+            goto fail;
+        if (conn == NULL || !plain(conn, mask)) {
+            if (PyList_Append(rest, event) < 0)
+                goto fail;
+            continue;
+        }
+        long fd = PyLong_AsLong(fdobj);
+        if (fd == -1 && PyErr_Occurred())
+            goto fail;
+        Py_ssize_t n = read_fd((int)fd, (char *)buf, (size_t)size);
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            continue;
+        if (n < 0 && !peer_gone(errno)) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto fail;
+        }
+        if (n <= 0) {
+            if (append_steal(got, Py_BuildValue("(OO)", conn, Py_None)) < 0)
+                goto fail;
+            continue;
+        }
+        if (!only_results(buf, n)) {
+            PyObject *data = PyBytes_FromStringAndSize((const char *)buf, n);
+            if (data == NULL || append_steal(got, Py_BuildValue("(ON)", conn, data)) < 0)
+                goto fail;
+            continue;
+        }
+        for (Py_ssize_t at = 0; at < n; at += RESULT_SIZE) {
+            uint32_t result = get_u32(buf + at + 16);
+            answered++;
+            if (count_in(results, result) < 0)
+                goto fail;
+            if (result == GOT)
+                amount += get_u32(buf + at + 24);
+            int waiting = unanswered(conn);
+            if (waiting < 0)
+                goto fail;
+            if (waiting) {
+                double sent_at = PyFloat_AsDouble(SLOT(conn, off_sent_at));
+                if (sent_at == -1.0 && PyErr_Occurred())
+                    goto fail;
+                if (count_in(counts, bucket((long long)((now - sent_at) * 1e6))) < 0)
+                    goto fail;
+                slot_set(conn, off_sent_at, zero_float);
+                released++;
+            }
+        }
+    }
+    if (released) {  /* Histogram.record's other half: its total */
+        PyObject *total = PyObject_GetAttrString(hist, "total");
+        PyObject *more = total == NULL ? NULL : PyLong_FromSsize_t(released);
+        PyObject *sum = more == NULL ? NULL : PyNumber_Add(total, more);
+        Py_XDECREF(total);
+        Py_XDECREF(more);
+        if (sum == NULL || PyObject_SetAttrString(hist, "total", sum) < 0) {
+            Py_XDECREF(sum);
+            goto fail;
+        }
+        Py_DECREF(sum);
+    }
+    Py_DECREF(counts);
+    return Py_BuildValue("(NNnLn)", rest, got, answered, amount, released);
+fail:
+    Py_DECREF(counts);
+    Py_XDECREF(rest);
+    Py_XDECREF(got);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"bind", bind, METH_VARARGS,
+     "bind(conn_type, session_type, open_phase, ready): the records of the fast path"},
+    {"send_shakes", send_shakes, METH_VARARGS,
+     "send_shakes(conns, second, now, cap, outstanding, send) -> (sent, skipped, busy, "
+     "outstanding)"},
+    {"read_answers", read_answers, METH_VARARGS,
+     "read_answers(events, by_fd, size, now, hist, results) -> (rest, got, answered, amount, "
+     "released)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "app.client._fastclient",
+    "Compiled twin of app.client.fastpath (the reference).", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__fastclient(void)
+{
+    zero_float = PyFloat_FromDouble(0.0);
+    one = PyLong_FromLong(1);
+    if (zero_float == NULL || one == NULL)
+        return NULL;
+    return PyModule_Create(&module);
+}

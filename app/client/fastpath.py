@@ -1,0 +1,140 @@
+"""A client worker's commonest traffic in bulk: lone SHAKEs out, lone SHAKE_RESULTs in.
+
+Two steps, each over many connections per call, the rest going the general
+way (the session, ``Worker.send``, ``Worker._frames``):
+
+- ``send_shakes(conns, second, now, cap, outstanding, send)`` asks each
+  user of ``conns`` (one tick's slice) for a SHAKE under the closed loop: a
+  user not connected is skipped, a user whose previous SHAKE is unanswered
+  (or a process already ``cap`` answers behind) is busy; returns
+  ``(sent, skipped, busy, outstanding)``. A socket that does not take the
+  frame at once goes through ``send(conn, rest, now)``.
+- ``read_answers(events, by_fd, size, now, hist, results)`` reads every
+  plain connection that is ready; answers made only of SHAKE_RESULTs are
+  counted at once (``results`` by code, latency into ``hist``, the user
+  free to be asked again); returns ``(rest, got, answered, amount,
+  released)``: events not read, (conn, bytes) read but not only
+  SHAKE_RESULTs or (conn, None) for a peer gone, answers, the amount they
+  granted, and how many unanswered SHAKEs they released.
+
+This module is the reference: ``implementation()`` returns the compiled
+``app.client._fastclient`` when built (same functions, same results; tests
+compare the two) and this module otherwise. "Plain": a record of exactly
+the bound class, logged in, nothing queued to write, its session of the
+bound class with no partial frame, and an event that is only EPOLLIN.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import struct
+import sys
+from types import ModuleType
+
+from app import hotpath
+from app.protocol import ClientSession, Phase, ShakeCode
+from app.reactor import read_some
+
+_SHAKE = struct.Struct(">HHQI")
+_RESULT = struct.Struct(">HHQIIII")
+RESULT_SIZE = _RESULT.size
+_RESULT_CMD = 3
+_GOT = int(ShakeCode.GOT)
+_bound: dict = {}
+
+
+def bind(conn_type: type, session_type: type, open_phase: object, ready: int) -> None:
+    """Name the record classes, the session's open phase and the READY state."""
+    _bound.update(conn=conn_type, session=session_type, open=open_phase, ready=ready)
+
+
+def send_shakes(conns: list, second: int, now: float, cap: int, outstanding: int, send):
+    """Ask each of ``conns`` once (see the module docstring)."""
+    ready, write = _bound["ready"], os.write
+    sent = skipped = busy = 0
+    for conn in conns:
+        if conn.state != ready:
+            skipped += 1
+            continue
+        if conn.sent_at or outstanding >= cap:
+            busy += 1
+            continue
+        frame = _SHAKE.pack(16, 2, second, conn.userid)
+        try:  # the common case: nothing queued, the socket takes it all
+            done = -1 if conn.out else write(conn.fd, frame)
+        except OSError:
+            done = -1  # send() sorts out EAGAIN from a peer that is gone
+        if done != len(frame):
+            send(conn, frame[max(done, 0):], now)
+        if conn.state == ready:
+            conn.sent_at = now
+            outstanding += 1
+            conn.asks += 1
+            conn.asked = second
+            sent += 1
+        else:
+            skipped += 1  # the write found the connection gone
+    return sent, skipped, busy, outstanding
+
+
+def _plain(conn: object, mask: int) -> bool:
+    session = conn.session
+    return (type(conn) is _bound["conn"] and mask == select.EPOLLIN
+            and conn.state == _bound["ready"] and not conn.out
+            and type(session) is _bound["session"] and session.phase is _bound["open"]
+            and not session._buf)
+
+
+def read_answers(events: list[tuple[int, int]], by_fd: dict, size: int, now: float, hist,
+                 results: dict):
+    """Read and count lone SHAKE_RESULTs (see the module docstring)."""
+    rest: list[tuple[int, int]] = []
+    got: list[tuple[object, bytes | None]] = []
+    answered = amount = released = 0
+    for event in events:
+        fd, mask = event
+        conn = by_fd.get(fd)
+        if conn is None or not _plain(conn, mask):
+            rest.append(event)
+            continue
+        data = read_some(fd, size)
+        if data is None:
+            got.append((conn, None))
+            continue
+        if not data:
+            continue
+        frames = _results(data)
+        if frames is None:
+            got.append((conn, data))
+            continue
+        for result, granted in frames:
+            answered += 1
+            results[result] = results.get(result, 0) + 1
+            if result == _GOT:
+                amount += granted
+            if conn.sent_at:
+                hist.record(int((now - conn.sent_at) * 1e6))
+                conn.sent_at = 0.0
+                released += 1
+    return rest, got, answered, amount, released
+
+
+def _results(data: bytes) -> list[tuple[int, int]] | None:
+    """(result, amount) of each frame if ``data`` is only whole SHAKE_RESULTs, else None."""
+    if len(data) % RESULT_SIZE:
+        return None
+    out = []
+    for length, cmd, _, _, result, _, amount in _RESULT.iter_unpack(data):
+        if length != RESULT_SIZE or cmd != _RESULT_CMD:
+            return None
+        out.append((result, amount))
+    return out
+
+
+def implementation(conn_type: type, ready: int) -> ModuleType:
+    """The compiled module bound to ``conn_type`` when available, else this one."""
+    fast = hotpath.compiled("app.client._fastclient")
+    module = fast if fast is not None else sys.modules[__name__]
+    module.bind(conn_type, ClientSession, Phase.OPEN, ready)
+    return module
