@@ -40,7 +40,7 @@ test: $(BUILT) $(FLEET_STAMP)
 ## journal, schedule, settings, the SET's parts), no servers or agents started.
 CHECK_TESTS := tests/test_protocol.py tests/test_session.py tests/test_journal.py \
 	tests/test_schedule.py tests/test_settings.py tests/test_process_model.py \
-	tests/test_set_parts.py
+	tests/test_set_parts.py tests/test_fastpath.py
 check: $(BUILT)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "not processes and not slow and not fleet" $(CHECK_TESTS) $(ARGS)

@@ -47,7 +47,7 @@ from typing import Any
 
 import psutil
 
-from app import settings
+from app import hotpath, settings
 from app.bench import cpu, floor
 from app.bench.cpu import rss_bytes, tree
 from app.client.histogram import Histogram
@@ -546,6 +546,7 @@ def print_table(result: dict[str, Any]) -> str:
     f = result
     lines = [f"hongbao scale: {f['target_connections']} connections target on {f['hosts']} "
              f"hosts, {f.get('sets')} SETs, phases {f['phases_planned']}",
+             f"hot path: {f.get('hot_path', '-')}",
              f"stopped by: {f['stopped_by'] or 'nothing (completed)'}", ""]
     held = f.get("held", {})
     bpc = f.get("bytes_per_connection", {})
@@ -621,7 +622,8 @@ def inner(args: settings.Config) -> int:
     run = ScaleRun(args, run_dir)
     result: dict[str, Any] = {"target_connections": args.connections, "hosts": args.hosts,
                               "phases_planned": list(args.phases), "run_dir": str(run_dir),
-                              "netns": args.netns_name, "tcp_ehash_entries": tcp_ehash()}
+                              "netns": args.netns_name, "tcp_ehash_entries": tcp_ehash(),
+                              "hot_path": hotpath.describe()}
 
     def terminate(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
