@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from app import hotpath
 from app.client.histogram import Histogram
 
 log = logging.getLogger("hongbao.smoke")
@@ -279,7 +280,8 @@ def summarise(config: Any, phases: list[Phase], seconds: list[dict[str, Any]],
     return {
         "connections": config.connections, "hosts": config.hosts, "sets": config.sets,
         "peak_qps": config.qps, "pacing": config.pacing, "login_seconds": round(login_seconds, 1),
-        "elapsed_seconds": round(elapsed, 1), "phases": rows, "ledger": ledger,
+        "elapsed_seconds": round(elapsed, 1), "hot_path": hotpath.describe(),
+        "phases": rows, "ledger": ledger,
         "group": raw["server"].get("group", {}),
         "client_totals": [c.get("totals", {}) for c in raw["clients"]],
         "clock_offset_ms": [c.get("clock_offset_ms") for c in raw["clients"]],
@@ -316,6 +318,7 @@ def write_table(summary: dict[str, Any], run_dir: Path, graphs: list[Path]) -> s
     lines = [f"hongbao smoke: {s['connections']} connections on {s['hosts']} hosts, "
              f"{s['sets']} SETs, peak {s['peak_qps']} QPS, pacing {s['pacing']}, "
              f"logged in in {s['login_seconds']}s, run {s['elapsed_seconds']}s",
+             f"hot path: {s.get('hot_path', '-')}",
              "served per second: by arrival at the server, by answer at the clients; "
              f"±2% = share of steady seconds within ±{TOLERANCE:.0%} of the target", ""]
     head = ("phase", "target", "server/s", "client/s", "server±2%", "client±2%", "p50 ms",
