@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from app import hotpath
 from app import protocol as p
 from app.local.runner import SERVER_READY, Service, get_json, server_command
 from tests.serverproc import Client
@@ -28,6 +29,14 @@ def per_set_connections(server) -> dict[int, int]:
 
 def generated(server) -> int:
     return server.stats()["ledger"]["generated"]["count"]
+
+
+@pytest.fixture(params=["compiled", "pure"])
+def hot_path(request, monkeypatch):
+    """Both hot paths end to end: the servers a test starts after this inherit the choice."""
+    if request.param == "pure":
+        monkeypatch.setenv(hotpath.PURE_ENV, "1")
+    return request.param
 
 
 def test_handoff_lands_every_user_on_its_owner_set(server, clients):
@@ -59,7 +68,8 @@ def test_login_result_carries_the_userid_and_zero_is_a_user(server, clients):
     assert per_set_connections(server)[0] == 1
 
 
-def test_exact_shake_results_for_a_known_supply(server, clients):
+def test_exact_shake_results_for_a_known_supply(hot_path, start_server, clients):
+    server = start_server()
     conns = [clients(server.port, u) for u in range(1, 41)]
     assert server.get("/yaohongbao?qps=400&sum=25")["ok"]
     wait_for(lambda: generated(server) == 25)
@@ -90,7 +100,7 @@ def test_granted_envelopes_are_distinct_and_amounts_add_up(server, clients):
     assert all(1 <= r.amount <= 500 for r in got)
 
 
-def test_over_budget_answers_17_at_once(start_server, clients):
+def test_over_budget_answers_17_at_once(hot_path, start_server, clients):
     # budget 8/s over 4 SETs = 2 per SET per second
     server = start_server(extra=["--shake-budget", "8"])
     c = clients(server.port, 4)  # SET 0
