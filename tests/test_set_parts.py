@@ -10,9 +10,11 @@ import errno
 import os
 import time
 
+import gevent
 import pytest
 
 from app import protocol as p
+from app.metrics import system as sysmetrics
 from app.metrics.statsd import Metrics
 from app.server import set_worker
 from app.server.journal import JournalWriter, read_journal, record_offsets
@@ -239,3 +241,20 @@ def test_journal_sync_can_run_its_fsync_elsewhere_and_stays_dirty_when_it_fails(
     writer.sync(ran)  # nothing new written: no fsync
     assert len(calls) == 2
     writer.close()
+
+
+def test_a_sets_loop_lag_is_measured_by_its_generation_ticks(tmp_path):
+    """No probe greenlet of its own (one wake-up less per SET every 100 ms): the
+    generation loop's lateness is the SET's loop lag, and a blocked loop shows in it."""
+    worker = a_set(JournalWriter(str(tmp_path / "j")))
+    worker.loop_lag = sysmetrics.LoopLag()
+    ticking = gevent.spawn(worker._generate_loop)
+    try:
+        gevent.sleep(0.5)
+        calm = worker.loop_lag.take()
+        time.sleep(0.35)  # the whole process stands still past a tick
+        gevent.sleep(0.2)
+        blocked = worker.loop_lag.take()
+    finally:
+        ticking.kill()
+    assert calm < 100 and blocked >= 200

@@ -180,7 +180,6 @@ class SetWorker:
         self.init_process()
         gevent.signal_handler(signal.SIGTERM, self.stop)
         self.metrics.start()
-        self.loop_lag.start()
         self.acceptor.start()
         greenlets = [
             self.reactor.start(),
@@ -332,6 +331,8 @@ class SetWorker:
             now = time.time()
             tick = int(now * GEN_TICKS) + 1
             gevent.sleep(max(0.0, tick / GEN_TICKS - now))
+            # how late the hub woke us: the SET's loop lag (no probe greenlet of its own)
+            self.loop_lag.observe(time.time() - tick / GEN_TICKS)
             try:
                 self.service.generate(tick % GEN_TICKS, time.time())
             except IdsExhausted as exc:
