@@ -134,4 +134,57 @@ append_steal(PyObject *list, PyObject *item)
     return rc;
 }
 
+/* What one event of a batch came to (read_plain). */
+enum { EVENT_ERROR = -1, EVENT_REST, EVENT_EMPTY, EVENT_DATA };
+
+/* One ready event of a batch, the way both hot paths read it (the Python
+ * twin is app.reactor.plain_reads): an event whose record is not plain goes
+ * to ``rest`` (EVENT_REST); a plain one is read into ``buf``; a peer gone is
+ * appended to ``got`` as (conn, None) (EVENT_EMPTY, as is a read with nothing
+ * there); otherwise ``*conn`` and ``*n`` say what was read (EVENT_DATA). */
+static int
+read_plain(PyObject *event, PyObject *records, int (*plain)(PyObject *, long), PyObject *rest,
+           PyObject *got, unsigned char *buf, Py_ssize_t size, PyObject **conn, Py_ssize_t *n)
+{
+    if (!PyTuple_Check(event) || PyTuple_GET_SIZE(event) != 2) {
+        PyErr_SetString(PyExc_TypeError, "events are (fd, mask) pairs");
+        return EVENT_ERROR;
+    }
+    PyObject *fdobj = PyTuple_GET_ITEM(event, 0);
+    long mask = PyLong_AsLong(PyTuple_GET_ITEM(event, 1));
+    if (mask == -1 && PyErr_Occurred())
+        return EVENT_ERROR;
+    PyObject *record = PyDict_GetItemWithError(records, fdobj);
+    if (record == NULL && PyErr_Occurred())
+        return EVENT_ERROR;
+    if (record == NULL || !plain(record, mask))
+        return PyList_Append(rest, event) < 0 ? EVENT_ERROR : EVENT_REST;
+    long fd = PyLong_AsLong(fdobj);
+    if (fd == -1 && PyErr_Occurred())
+        return EVENT_ERROR;
+    Py_ssize_t got_bytes = read_fd((int)fd, (char *)buf, (size_t)size);
+    if (got_bytes < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+        return EVENT_EMPTY;
+    if (got_bytes < 0 && !peer_gone(errno)) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return EVENT_ERROR;
+    }
+    if (got_bytes <= 0)
+        return append_steal(got, Py_BuildValue("(OO)", record, Py_None)) < 0 ? EVENT_ERROR
+                                                                              : EVENT_EMPTY;
+    *conn = record;
+    *n = got_bytes;
+    return EVENT_DATA;
+}
+
+/* Append (conn, bytes of buf[0:n]) to ``got``; -1 on error. */
+static int
+append_read(PyObject *got, PyObject *conn, const unsigned char *buf, Py_ssize_t n)
+{
+    PyObject *data = PyBytes_FromStringAndSize((const char *)buf, n);
+    if (data == NULL)
+        return -1;
+    return append_steal(got, Py_BuildValue("(ON)", conn, data));
+}
+
 #endif

@@ -25,7 +25,7 @@ import errno
 import os
 import select
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import gevent
 from gevent.hub import get_hub
@@ -123,6 +123,29 @@ class Reactor:
                 gevent.sleep(LOOP_TURN)
             if self.coalesce:
                 time.sleep(self.coalesce)  # blocking: see the class docstring
+
+
+def plain_reads(events: list[tuple[int, int]], records: dict, plain: Callable[[object, int], bool],
+                size: int, rest: list, got: list) -> Iterator[tuple[object, bytes]]:
+    """Read each event of a batch whose record is *plain*; yield ``(record, bytes)``.
+
+    The shared first step of both hot paths (``app.server.fastpath``,
+    ``app.client.fastpath``; ``read_plain`` in ``app/hotslots.h`` is its C
+    twin): an event without a record or not ``plain(record, mask)`` goes to
+    ``rest`` unread, a peer gone to ``got`` as ``(record, None)``, a read with
+    nothing there is dropped.
+    """
+    for event in events:
+        fd, mask = event
+        record = records.get(fd)
+        if record is None or not plain(record, mask):
+            rest.append(event)
+            continue
+        data = read_some(fd, size)
+        if data is None:
+            got.append((record, None))
+        elif data:
+            yield record, data
 
 
 def write_some(fd: int, data: bytes) -> bytes | None:

@@ -34,7 +34,7 @@ from types import ModuleType
 
 from app import hotpath
 from app.protocol import ClientSession, Phase, ShakeCode
-from app.reactor import read_some
+from app.reactor import plain_reads
 
 _SHAKE = struct.Struct(">HHQI")
 _RESULT = struct.Struct(">HHQIIII")
@@ -92,18 +92,7 @@ def read_answers(events: list[tuple[int, int]], by_fd: dict, size: int, now: flo
     rest: list[tuple[int, int]] = []
     got: list[tuple[object, bytes | None]] = []
     answered = amount = released = 0
-    for event in events:
-        fd, mask = event
-        conn = by_fd.get(fd)
-        if conn is None or not _plain(conn, mask):
-            rest.append(event)
-            continue
-        data = read_some(fd, size)
-        if data is None:
-            got.append((conn, None))
-            continue
-        if not data:
-            continue
+    for conn, data in plain_reads(events, by_fd, _plain, size, rest, got):
         frames = _results(data)
         if frames is None:
             got.append((conn, data))

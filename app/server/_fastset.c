@@ -88,42 +88,17 @@ read_shakes(PyObject *self, PyObject *args)
         goto fail;
     Py_ssize_t count = PyList_GET_SIZE(events);
     for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *event = PyList_GET_ITEM(events, i);
-        if (!PyTuple_Check(event) || PyTuple_GET_SIZE(event) != 2) {
-            PyErr_SetString(PyExc_TypeError, "events are (fd, mask) pairs");
+        PyObject *conn;
+        Py_ssize_t n;
+        int what = read_plain(PyList_GET_ITEM(events, i), conns, plain, rest, got, buf, size,
+                              &conn, &n);
+        if (what == EVENT_ERROR)
             goto fail;
-        }
-        PyObject *fdobj = PyTuple_GET_ITEM(event, 0);
-        long mask = PyLong_AsLong(PyTuple_GET_ITEM(event, 1));
-        if (mask == -1 && PyErr_Occurred())
-            goto fail;
-        PyObject *conn = PyDict_GetItemWithError(conns, fdobj);
-        if (conn == NULL && PyErr_Occurred())
-            goto fail;
-        if (conn == NULL || !plain(conn, mask)) {
-            if (PyList_Append(rest, event) < 0)
-                goto fail;
+        if (what != EVENT_DATA)
             continue;
-        }
-        long fd = PyLong_AsLong(fdobj);
-        if (fd == -1 && PyErr_Occurred())
-            goto fail;
-        Py_ssize_t n = read_fd((int)fd, (char *)buf, (size_t)size);
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-            continue;
-        if (n < 0 && !peer_gone(errno)) {
-            PyErr_SetFromErrno(PyExc_OSError);
-            goto fail;
-        }
-        if (n <= 0) {
-            if (append_steal(got, Py_BuildValue("(OO)", conn, Py_None)) < 0)
-                goto fail;
-            continue;
-        }
         uint32_t userid = (uint32_t)PyLong_AsUnsignedLongMask(SLOT(conn, off_userid));
         if (!only_shakes(buf, n, userid)) {
-            PyObject *data = PyBytes_FromStringAndSize((const char *)buf, n);
-            if (data == NULL || append_steal(got, Py_BuildValue("(ON)", conn, data)) < 0)
+            if (append_read(got, conn, buf, n) < 0)
                 goto fail;
             continue;
         }

@@ -34,7 +34,7 @@ from types import ModuleType
 
 from app import hotpath
 from app.protocol import Phase, ShakeCode
-from app.reactor import read_some, write_some
+from app.reactor import plain_reads, write_some
 
 _SHAKE = struct.Struct(">HHQI")
 SHAKE_SIZE = _SHAKE.size
@@ -61,18 +61,7 @@ def read_shakes(events: list[tuple[int, int]], conns: dict, size: int):
     got: list[tuple[object, bytes | None]] = []
     shakers: list[object] = []
     sents: list[int] = []
-    for event in events:
-        fd, mask = event
-        conn = conns.get(fd)
-        if conn is None or not _plain(conn, mask):
-            rest.append(event)
-            continue
-        data = read_some(fd, size)
-        if data is None:
-            got.append((conn, None))
-            continue
-        if not data:
-            continue
+    for conn, data in plain_reads(events, conns, _plain, size, rest, got):
         frames = _shakes(data, conn.userid)
         if frames is None:
             got.append((conn, data))
