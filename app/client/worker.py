@@ -11,8 +11,9 @@ server, source addresses and pacing. The parent talks to it through pipes:
   such an object is logged and ignored. End of file means the parent is
   gone: the worker exits.
 - stdout, one JSON object a line, once per wall-clock second: what was sent
-  (by the second stamped in the frames), answered, results by code, the
-  latency histogram, claims, logins, reconnects and connections now up.
+  (by the second stamped in the frames), answered (by the second they were
+  read in), results by code, the latency histogram, claims, logins,
+  reconnects and connections now up.
 
 The worker fails loudly: if its reactor greenlet (sockets, control input)
 or its pacer (the tick loop) dies, the process ends with ``EXIT_DIED`` and
@@ -166,6 +167,7 @@ class Worker:
         self.ready = 0
         self.reactor = Reactor(self._dispatch, coalesce=COALESCE)
         self.outstanding = 0  # SHAKEs sent and not yet answered, all users of this process
+        self.answered: dict[int, int] = {}  # answers by the second they were read in
         self.share = (self.end - self.begin) / max(1, self.n)  # of the host's QPS
         self.wake = Event()
         self.stdin = sys.stdin.fileno() if control_fd is None else control_fd
@@ -182,7 +184,6 @@ class Worker:
         self.skipped: dict[int, int] = {}  # asked while that user's connection was down, or
         # while its previous SHAKE was still unanswered (closed loop: those also in busy)
         self.busy = 0
-        self.answered = 0
         self.results: dict[int, int] = {}
         self.hist = Histogram()
         self.claims_sent = 0
@@ -202,7 +203,7 @@ class Worker:
         """Write second ``second``'s record to the parent and start the next."""
         record = {
             "p": self.index, "t": second, "sent": self.sent.pop(second, 0),
-            "skipped": self.skipped.pop(second, 0), "answered": self.answered,
+            "skipped": self.skipped.pop(second, 0), "answered": self._answered_until(second),
             "results": {str(k): v for k, v in self.results.items()},
             "hist": self.hist.to_json(), "claims_sent": self.claims_sent,
             "claims_granted": self.claims_granted, "claim_amount": self.claim_amount,
@@ -218,6 +219,25 @@ class Worker:
         self.sent, self.skipped = sent, skipped  # later seconds already counted stay
         sys.stdout.write(json.dumps(record, separators=(",", ":")) + "\n")
         sys.stdout.flush()
+
+    def _answered_until(self, second: int) -> int:
+        """Answers read up to the end of ``second`` and not yet reported.
+
+        Counted by the wall-clock second they were read in, not by when the
+        pacer gets to write the report: a report written 50 ms late (a
+        stalled process) used to count the next second's first 50 ms in
+        this one, and the clients' "answered per second" swung by that much
+        while the server's count by arrival held. Seconds whose report was
+        skipped (a pacer more than ``MAX_CATCH_UP`` late) fold into this one.
+        """
+        answered = 0
+        for s in [s for s in self.answered if s <= second]:
+            answered += self.answered.pop(s)
+        return answered
+
+    def _count_answers(self, n: int, now: float) -> None:
+        second = int(now)
+        self.answered[second] = self.answered.get(second, 0) + n
 
     # --- connections ----------------------------------------------------------
     def connect(self, conn: Conn, now: float) -> None:
@@ -308,7 +328,8 @@ class Worker:
         # then what was read that was not only those, then the events not read.
         rest, got, answered, amount, released = HOT.read_answers(
             events, self.by_fd, READ_SIZE, now, self.hist, self.results)
-        self.answered += answered
+        if answered:
+            self._count_answers(answered, now)
         self.shake_amount += amount
         self.outstanding -= released
         for conn, data in got:
@@ -362,7 +383,7 @@ class Worker:
             kind = type(frame)
             if kind is ShakeResult:
                 result = frame.result
-                self.answered += 1
+                self._count_answers(1, now)
                 self.results[result] = self.results.get(result, 0) + 1
                 if result == _GOT:
                     self.shake_amount += frame.amount
