@@ -147,9 +147,9 @@ class Setting:
 
 
 S, C, M, Z = ("server",), ("client",), ("smoke",), ("scale",)
-BS, BC = ("server_bench",), ("client_bench",)
+BS, BC, BF = ("server_bench",), ("client_bench",), ("floor_bench",)
 BENCH_ENV = {"scale": "HONGBAO_SCALE_", "server_bench": "HONGBAO_BENCH_SERVER_",
-             "client_bench": "HONGBAO_BENCH_CLIENT_"}
+             "client_bench": "HONGBAO_BENCH_CLIENT_", "floor_bench": "HONGBAO_BENCH_FLOOR_"}
 
 SETTINGS: tuple[Setting, ...] = (
     # --- server
@@ -259,6 +259,12 @@ SETTINGS: tuple[Setting, ...] = (
             flag="--sources"),
     Setting("connect_rate", _positive, "5000", "the agent's new connections per second", BC),
     Setting("restart", _bool, "no", "also measure a server restart", BC),
+    # --- floor bench (python -m app.bench.floor): the C floor alone, for comparing by hand
+    Setting("connections", _positive, "20000", "connections over all simulated hosts", BF),
+    Setting("hosts", _positive, "3", "simulated client hosts", BF),
+    Setting("phases", _int_list, "3000", "fleet-wide QPS of each phase, comma separated", BF),
+    Setting("phase_seconds", _positive, "10", "seconds of each phase", BF),
+    Setting("ticks", _positive, "100", "pacing ticks per second of the C clients", BF),
     # --- shared
     Setting("statsd", _optional_address, "", "HOST:PORT of statsd (empty: no metrics)",
             S + C + M),

@@ -118,3 +118,11 @@ def test_the_scale_bench_reads_the_same_table_under_its_own_names():
     assert resolve("scale", environ={"HONGBAO_SCALE_PHASES": ""}).phases == ()
     with pytest.raises(SettingError, match="phases"):
         resolve("scale", environ={"HONGBAO_SCALE_PHASES": "100,-5"})
+
+
+def test_the_floor_bench_reads_the_one_settings_table():
+    """``python -m app.bench.floor`` has no parser of its own: flags, env, checks as elsewhere."""
+    config = settings.parse("floor_bench", ["--phases", "3000,6000", "--ticks", "20"])
+    assert (config.phases, config.ticks, config.connections) == ((3000, 6000), 20, 20000)
+    with pytest.raises(SystemExit):
+        settings.parse("floor_bench", ["--hosts", "0"])

@@ -33,6 +33,7 @@ from typing import Any
 
 import psutil
 
+from app import settings
 from app.bench import cpu
 from app.client.agent import PER_PROCESS
 from app.client.histogram import Histogram
@@ -251,20 +252,12 @@ def measure(run_dir: Path, connections: int, hosts: int, phases: list[int], seco
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m app.bench.floor``: the floor alone, for comparing runs by hand."""
-    import argparse
     import tempfile
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--connections", type=int, default=20_000)
-    parser.add_argument("--hosts", type=int, default=3)
-    parser.add_argument("--phases", default="3000")
-    parser.add_argument("--phase-seconds", type=int, default=10)
-    parser.add_argument("--ticks", type=int, default=100)
-    args = parser.parse_args(argv)
+    args = settings.parse("floor_bench", argv, description=__doc__.splitlines()[0])
     with tempfile.TemporaryDirectory(prefix="floor-") as tmp:
-        result = measure(Path(tmp), args.connections, args.hosts,
-                         [int(q) for q in args.phases.split(",")], args.phase_seconds,
-                         args.ticks)
+        result = measure(Path(tmp), args.connections, args.hosts, list(args.phases),
+                         args.phase_seconds, args.ticks)
     print(json.dumps(result, indent=2))
     return 0
 
