@@ -59,7 +59,7 @@ bench-scale: $(BUILT)
 	$(PY) -m app.bench scale $(ARGS)
 
 clean:
-	rm -rf $(VENV) runs var .pytest_cache .ruff_cache build app/*/_fast*.so
+	rm -rf $(VENV) runs var .pytest_cache .ruff_cache build *.egg-info app/*/_fast*.so
 
 ## The metrics stack: statsd -> carbon/whisper -> graphite-web on 127.0.0.1 (README "Monitoring").
 monitor-install: $(BUILT)
