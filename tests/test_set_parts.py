@@ -258,3 +258,15 @@ def test_a_sets_loop_lag_is_measured_by_its_generation_ticks(tmp_path):
     finally:
         ticking.kill()
     assert calm < 100 and blocked >= 200
+
+
+@pytest.mark.parametrize("sents", [[100] * 6, [100, 99, 100, 100, 42, 101]])
+def test_stats_of_a_batch_equal_the_stats_of_its_shakes_one_by_one(sents):
+    """``SetStats.shakes`` (the bulk path) counts exactly what ``shake`` per entry counts."""
+    bulk, single = SetStats(), SetStats()
+    bulk.shakes(sents, 2, 4, 100)
+    codes = [14, 14, 15, 15, 17, 17]
+    for code, sent in zip(codes, sents, strict=True):
+        single.shake(code, sent, 100)
+    assert bulk.tables() == single.tables() and bulk.shake_totals == single.shake_totals
+    assert bulk.shake_totals == [2, 2, 0, 2]

@@ -333,8 +333,6 @@ class Worker:
         self.shake_amount += amount
         self.outstanding -= released
         for conn, data in got:
-            if conn.fd < 0:
-                continue  # dropped meanwhile
             if data is None:
                 self.drop(conn, now)
             else:
@@ -461,12 +459,11 @@ class Worker:
         outstanding = self.outstanding
         cap = max(MIN_OUTSTANDING, int(self.qps * self.share * OUTSTANDING_SECONDS))
         for lo, hi in clip(start, count, self.n, self.begin, self.end):
-            asked = HOT.send_shakes(conns[lo - base:hi - base], second, now, cap, outstanding,
-                                    self.send)
-            sent += asked[0]
-            skipped += asked[1]
-            busy += asked[2]
-            outstanding = asked[3]
+            n_sent, n_skipped, n_busy, outstanding = HOT.send_shakes(
+                conns[lo - base:hi - base], second, now, cap, outstanding, self.send)
+            sent += n_sent
+            skipped += n_skipped
+            busy += n_busy
         self.outstanding = outstanding
         if sent:
             self.sent[second] = self.sent.get(second, 0) + sent

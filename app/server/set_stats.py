@@ -38,14 +38,8 @@ class SetStats:
         index = CODE_INDEX[code]
         if abs(sent - second) > TIMESTAMP_SLACK:
             sent = second
-        row = self.by_sent.get(sent)
-        if row is None:
-            row = self.by_sent[sent] = [0, 0, 0, 0]
-        row[index] += 1
-        row = self.by_arrival.get(second)
-        if row is None:
-            row = self.by_arrival[second] = [0, 0, 0, 0]
-        row[index] += 1
+        _row(self.by_sent, sent)[index] += 1
+        _row(self.by_arrival, second)[index] += 1
         self.shake_totals[index] += 1
 
     def shakes(self, sents: list[int], granted: int, allowed: int, second: int) -> None:
@@ -60,16 +54,10 @@ class SetStats:
                 code = GOT if i < granted else NONE_LEFT if i < allowed else OVERLOAD
                 self.shake(code, sent, second)
             return
-        for table in (self.by_sent, self.by_arrival):
-            have = table.get(second)
-            if have is None:
-                table[second] = list(row)
-            else:
-                for i in range(4):
-                    have[i] += row[i]
-        totals = self.shake_totals
-        for i in range(4):
-            totals[i] += row[i]
+        for have in (_row(self.by_sent, second), _row(self.by_arrival, second),
+                     self.shake_totals):
+            for i in range(4):
+                have[i] += row[i]
 
     def end_second(self, now: float, metrics: Metrics, lag: float, pause: float) -> None:
         """Once a second: drop old rows, send shake deltas, record loop health."""
@@ -90,3 +78,11 @@ class SetStats:
             "by_arrival": {str(s): v for s, v in self.by_arrival.items() if s >= since},
             "health": {str(s): v for s, v in self.health_by_second.items() if s >= since},
         }
+
+
+def _row(table: dict[int, list[int]], second: int) -> list[int]:
+    """The counts by code index of ``second`` in ``table`` (a new zero row if none yet)."""
+    row = table.get(second)
+    if row is None:
+        row = table[second] = [0, 0, 0, 0]
+    return row

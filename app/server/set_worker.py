@@ -79,7 +79,7 @@ EXIT_BOOT_ERROR = 3  # the supervisor does not restart a SET that cannot boot
 EXIT_RESTART = 75  # stopped on a failed journal write or a run-time limit: restart me
 
 
-LoggedIn = p.LoggedIn  # a module name: looked up once per read on the hot path
+LoggedIn = p.LoggedIn  # a module name: looked up once per general-path read
 
 
 class SetHalt(Exception):
