@@ -15,7 +15,7 @@ import time
 import pytest
 
 from app.local.procs import stop_group
-from app.local.runner import Service
+from app.local.runner import Service, niced
 
 READY = re.compile(r"^ready (\d+)")
 
@@ -81,3 +81,22 @@ def test_stop_group_kills_a_child_that_ignores_sigterm_and_its_grandchild(tmp_pa
     assert not alive(grandchild)
     assert stop_group(service.proc, timeout=0.5) == -9  # safe to call twice
     assert os.getpgid(os.getpid()) != service.pid  # we never were in its group
+
+
+def test_a_child_leads_its_own_group_in_our_session_so_nice_counts(tmp_path):
+    """With autogroup scheduling a session of its own would be a CPU share of its own:
+    11 SETs then got the share of one of 17 niced client agents (runner.Service)."""
+    code = "import time; print('ready 1', flush=True); time.sleep(60)"
+    service = Service("grouped", niced(python(code), 5), tmp_path / "grouped.log", READY)
+    try:
+        service.start(timeout=10)
+        assert os.getpgid(service.pid) == service.pid  # stop_group's SIGKILL reaches its group
+        assert os.getsid(service.pid) == os.getsid(0)  # not a session (an autogroup) of its own
+        assert os.getpriority(os.PRIO_PROCESS, service.pid) == os.getpriority(
+            os.PRIO_PROCESS, 0) + 5
+        autogroup = f"/proc/{service.pid}/autogroup"
+        if os.path.exists(autogroup):
+            with open(autogroup) as theirs, open("/proc/self/autogroup") as ours:
+                assert theirs.read().split()[0] == ours.read().split()[0]
+    finally:
+        service.stop()

@@ -37,7 +37,7 @@ from app import settings
 from app.bench import cpu
 from app.client.agent import PER_PROCESS
 from app.client.histogram import Histogram
-from app.local.runner import Service, stop_services
+from app.local.runner import Service, niced, stop_services
 from app.local.summary import REQUIRED, TOLERANCE
 
 log = logging.getLogger("hongbao.floor")
@@ -110,9 +110,10 @@ class FloorRun:
     """One floor run: start, log everyone in, run the phases, read the figures."""
 
     def __init__(self, binary: Path, run_dir: Path, connections: int, hosts: int,
-                 ticks: int, server: ExternalServer | None = None) -> None:
+                 ticks: int, server: ExternalServer | None = None, client_nice: int = 0) -> None:
         self.binary, self.dir = binary, run_dir
         self.connections, self.hosts, self.ticks = connections, hosts, ticks
+        self.client_nice = client_nice  # as hongbao's co-located clients: the same scheduling
         self.external = server  # another server (hongbao's) instead of the C servers
         self.servers: list[Service] = []
         self.clients: list[Service] = []
@@ -133,8 +134,8 @@ class FloorRun:
                     arrival[t] = arrival.get(t, 0) + n
         return arrival
 
-    def _service(self, name: str, args: list[str], ready: str) -> Service:
-        return Service(name, [str(self.binary), *args], self.dir / f"{name}.log",
+    def _service(self, name: str, args: list[str], ready: str, nice: int = 0) -> Service:
+        return Service(name, niced([str(self.binary), *args], nice), self.dir / f"{name}.log",
                        re.compile(ready), stdin=True)
 
     def start(self, connect_timeout: float) -> None:
@@ -156,7 +157,7 @@ class FloorRun:
             client = self._service(
                 f"client{g}", ["client", str(port), sources, str(first), str(n), str(self.ticks),
                                str(rate), str(len(layout)), str(g),
-                               str(self.dir / f"client{g}.jsonl")], "^ready")
+                               str(self.dir / f"client{g}.jsonl")], "^ready", self.client_nice)
             self.clients.append(client)
             client.launch()
         for client in self.clients:  # every one logged in within connect_timeout, all told
@@ -222,7 +223,7 @@ class FloorRun:
 
 def measure(run_dir: Path, connections: int, hosts: int, phases: list[int], seconds: int,
             ticks: int, connect_timeout: float = 600,
-            server: ExternalServer | None = None) -> dict[str, Any]:
+            server: ExternalServer | None = None, client_nice: int = 0) -> dict[str, Any]:
     """The floor's figures for this traffic, or the syscall floor without a compiler.
 
     With ``server``, only the floor's C clients run, against that server: what
@@ -237,7 +238,7 @@ def measure(run_dir: Path, connections: int, hosts: int, phases: list[int], seco
         return {"kind": "syscall floor (no C compiler)",
                 "phases": [{"target": q, "server_cpu_us_per_request": per,
                             "client_cpu_us_per_request": per} for q in phases]}
-    run = FloorRun(binary, run_dir, connections, hosts, ticks, server)
+    run = FloorRun(binary, run_dir, connections, hosts, ticks, server, client_nice)
     try:
         run.start(connect_timeout)
         spans = run.run_phases(phases, seconds)

@@ -427,7 +427,7 @@ def run_floor(args: settings.Config, out_dir: Path) -> dict[str, Any]:
              seconds)
     try:
         return floor.measure(out_dir, args.connections, args.hosts, args.phases, seconds,
-                             args.ticks)
+                             args.ticks, client_nice=args.client_nice)
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         log.warning("floor run failed: %s", exc)
         return {"kind": f"failed: {exc}", "phases": []}
@@ -454,7 +454,7 @@ def server_under_c_clients(args: settings.Config, run: ScaleRun) -> dict[str, An
              args.connections, args.phases)
     figures = floor.measure(Path(args.run_dir) / "c-clients", args.connections, args.hosts,
                             list(args.phases), args.phase_seconds, args.ticks,
-                            args.connect_timeout, server)
+                            args.connect_timeout, server, args.client_nice)
     stats = get_json(fleet.server_api, "/stats?seconds=0&audit=1", timeout=60, tries=3)
     ledger = ledger_check(stats.get("ledger", {}))
     phases = figures["phases"]

@@ -1,8 +1,8 @@
 """Stopping a process we started, by PID: the one way it is done here.
 
 Every long-lived child (server, client agent, benchmark load, the monitor
-stack's daemons) is started in its own session, so its PID is also its
-process group: a SIGTERM to the PID asks for a graceful stop, and a SIGKILL
+stack's daemons) is started as the leader of its own process group, so its
+PID is also its process group: a SIGTERM to the PID asks for a graceful stop, and a SIGKILL
 to the group afterwards takes any worker left behind with it — without
 ever naming a process by its command.
 """

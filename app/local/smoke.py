@@ -12,7 +12,7 @@ It writes ``runs/<timestamp>/seconds.jsonl`` (one object per second),
 and exits non-zero when the ledger does not balance or a loaded phase fails
 (app.local.summary: fewer than 95% of its steady seconds served within ±2%
 of the target at the server or the clients, or p99 >= 100 ms). Every
-process it starts runs in its own session and is stopped by PID on the way
+process it starts leads its own process group and is stopped by PID on the way
 out, also on Ctrl-C or failure.
 """
 
