@@ -103,6 +103,8 @@ class Reactor:
         poll = self.epoll.poll
         while True:
             hub.wait(self._watcher)
+            if self.coalesce:
+                time.sleep(self.coalesce)  # blocking: see the class docstring
             while True:
                 events = poll(0, MAX_EVENTS)
                 if not events:
@@ -121,8 +123,6 @@ class Reactor:
                 # connections ran 50 full batches (20 s on a busy box) between
                 # turns: silent to the supervisor, killed by the liveness rule.
                 gevent.sleep(LOOP_TURN)
-            if self.coalesce:
-                time.sleep(self.coalesce)  # blocking: see the class docstring
 
 
 def plain_reads(events: list[tuple[int, int]], records: dict, plain: Callable[[object, int], bool],
