@@ -49,11 +49,14 @@ class Reactor:
     (optional) runs after every dispatch — the place to flush journals and
     queued writes once per loop turn.
 
-    ``coalesce`` (seconds): after a batch the whole process sleeps that long
-    before the next poll, so what arrives meanwhile is one batch: at most
-    1/coalesce wake-ups a second however many peers write at different
-    moments (68 client processes and 51 SETs woke each other tens of
-    thousands of times a second). The sleep blocks instead of yielding to
+    ``coalesce`` (seconds): once the epoll turns readable the whole process
+    sleeps that long before it polls, so what arrives meanwhile is one batch:
+    at most 1/coalesce wake-ups a second however many peers write at
+    different moments (68 client processes and 51 SETs woke each other tens
+    of thousands of times a second). Before the first poll, not after each
+    batch: a peer's burst (a client worker's tick) wakes the process with its
+    first byte, and a reactor that read at once answered a burst a request
+    or two at a time. The sleep blocks instead of yielding to
     the hub on purpose: a hub turn while the epoll is readable but unwatched
     makes libev drop it from its own epoll and add it back, and adding an
     epoll that holds ~15k sockets costs ~1.8 ms of kernel time (measured).

@@ -44,7 +44,7 @@ def test_attach_floor_gives_each_phase_the_floor_and_the_ratio():
                           "client_cpu_us_per_request": None}],
               "floor": {"kind": "C", "phases": [
                   {"target": 30000, "server_cpu_us_per_request": 11.0,
-                   "client_cpu_us_per_request": 9.0},
+                   "client_cpu_us_per_request": 9.0, "loop_lag_max_ms": 37.46},
                   {"target": 60000, "server_cpu_us_per_request": 10.0,
                    "client_cpu_us_per_request": 8.0}]}}
     scale.attach_floor(result)
@@ -54,6 +54,9 @@ def test_attach_floor_gives_each_phase_the_floor_and_the_ratio():
     assert "floor_ratio" not in second  # hongbao's client side was not measured
     table = "\n".join(scale.floor_lines(result))
     assert "1.50x" in table
+    row_30k, row_60k = table.splitlines()[-2:]
+    assert row_30k.split()[-2:] == ["37.5", "1.50x"]  # the C server's loop lag, then the ratio
+    assert row_60k.split()[-2:] == ["-", "-"]
 
 
 @pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler")
@@ -67,6 +70,10 @@ def test_floor_serves_every_second_exactly(tmp_path):
     assert phase["server_arrival_within"] == 1.0
     assert phase["client_answered_within"] == 1.0
     assert phase["server_cpu_us_per_request"] > 0 and phase["client_cpu_us_per_request"] > 0
+    # the C server's 10 timer ticks a second woke it in every second, each a little late
+    assert 0 < phase["loop_lag_max_ms"] < 1000
+    seconds = [line.split() for line in (tmp_path / "server0.txt").read_text().splitlines()]
+    assert all(len(fields) == 3 and int(fields[2]) > 0 for fields in seconds)
     # every request sent in a steady second was answered: the clients' own records
     sent = answered = 0
     for path in tmp_path.glob("client*.jsonl"):

@@ -8,8 +8,11 @@
  *   floor server PORT OUT
  *       one epoll process (run ~1 per 19,500 connections, SO_REUSEPORT on
  *       PORT); answers LOGIN with LOGIN_RESULT ok and SHAKE with SHAKE_RESULT
- *       "none left"; one read and at most one write per ready socket. On
- *       SIGTERM writes "second shakes" lines (by arrival) to OUT and exits.
+ *       "none left"; one read and at most one write per ready socket. A
+ *       timer in the same epoll at a SET's generation ticks (10 a second, on
+ *       the wall clock) measures how late the loop wakes: the floor under a
+ *       SET's loop lag. SCHED_BATCH, as a SET. On SIGTERM writes "second shakes lag_us" lines (by
+ *       arrival; the second's worst lateness) to OUT and exits.
  *   floor client PORT SOURCES FIRST COUNT TICKS RATE PROCS INDEX OUT
  *       COUNT connections (users FIRST..), source addresses SOURCES (comma
  *       separated, IP_BIND_ADDRESS_NO_PORT), at most RATE new attempts a
@@ -27,6 +30,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -48,6 +52,7 @@
 #define BUCKETS 256
 #define BATCH 1024
 #define MAX_IN_FLIGHT 1000
+#define GEN_TICKS 10  /* app.server.service.GEN_TICKS */
 
 static double now_s(void) {
     struct timespec ts;
@@ -86,9 +91,12 @@ static int server(int port, const char *out) {
     getrlimit(RLIMIT_NOFILE, &rl);
     size_t cap = rl.rlim_cur;
     struct sconn *conns = calloc(cap, sizeof *conns);
-    static long arrivals[MAX_SECONDS];
+    static long arrivals[MAX_SECONDS], lag_us[MAX_SECONDS];
     long base = (long)now_s();
     signal(SIGTERM, on_term);
+    /* scheduled as a SET is (app.server.set_worker.batch_scheduling) */
+    struct sched_param sp = {0};
+    sched_setscheduler(0, SCHED_BATCH, &sp);
 
     int lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
     int one = 1;
@@ -103,6 +111,14 @@ static int server(int port, const char *out) {
     int ep = epoll_create1(0);
     struct epoll_event ev = {.events = EPOLLIN, .data.fd = lfd};
     epoll_ctl(ep, EPOLL_CTL_ADD, lfd, &ev);
+    /* the generation ticks: 10 a second on wall-clock boundaries, as a SET's */
+    int tfd = timerfd_create(CLOCK_REALTIME, TFD_NONBLOCK);
+    double first = (double)((long)(now_s() * GEN_TICKS) + 1) / GEN_TICKS;
+    struct itimerspec its = {.it_interval = {0, 1000000000L / GEN_TICKS},
+                             .it_value = {(time_t)first, (long)((first - (long)first) * 1e9)}};
+    timerfd_settime(tfd, TFD_TIMER_ABSTIME, &its, NULL);
+    struct epoll_event tev = {.events = EPOLLIN, .data.fd = tfd};
+    epoll_ctl(ep, EPOLL_CTL_ADD, tfd, &tev);
     printf("listening\n");
     fflush(stdout);
 
@@ -114,6 +130,18 @@ static int server(int port, const char *out) {
         long sec = (long)now_s() - base;
         for (int i = 0; i < n; i++) {
             int fd = events[i].data.fd;
+            if (fd == tfd) {
+                uint64_t expired = 0;
+                if (read(tfd, &expired, sizeof expired) == sizeof expired && expired) {
+                    double t = now_s();  /* late by: since the last tick, plus any missed */
+                    double late = t - (double)(long)(t * GEN_TICKS) / GEN_TICKS
+                                  + (double)(expired - 1) / GEN_TICKS;
+                    long at = (long)t - base;
+                    if (at >= 0 && at < MAX_SECONDS && late * 1e6 > lag_us[at])
+                        lag_us[at] = (long)(late * 1e6);
+                }
+                continue;
+            }
             if (fd == lfd) {
                 int c;
                 while ((c = accept4(lfd, NULL, NULL, SOCK_NONBLOCK)) >= 0) {
@@ -162,7 +190,8 @@ static int server(int port, const char *out) {
     FILE *f = fopen(out, "w");
     if (!f) return 1;
     for (int i = 0; i < MAX_SECONDS; i++)
-        if (arrivals[i]) fprintf(f, "%ld %ld\n", base + i, arrivals[i]);
+        if (arrivals[i] || lag_us[i])
+            fprintf(f, "%ld %ld %ld\n", base + i, arrivals[i], lag_us[i]);
     fclose(f);
     return 0;
 }

@@ -26,7 +26,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,12 +127,24 @@ class FloorRun:
         if self.external:
             return self.external.arrivals()
         arrival: dict[int, int] = {}
+        for t, n, _ in self._server_seconds():
+            arrival[t] = arrival.get(t, 0) + n
+        return arrival
+
+    def loop_lag_ms(self) -> dict[int, float]:
+        """Per second, how late the C servers' loops woke at worst (their 10 ticks a second)."""
+        worst: dict[int, float] = {}
+        for t, _, lag_us in self._server_seconds():
+            worst[t] = max(worst.get(t, 0.0), lag_us / 1000)
+        return worst
+
+    def _server_seconds(self) -> Iterator[tuple[int, int, int]]:
+        """``(second, arrivals, worst lateness µs)`` of every C server's file."""
         for path in self.dir.glob("server*.txt"):
             for line in path.read_text().split("\n"):
                 if line:
-                    t, n = map(int, line.split())
-                    arrival[t] = arrival.get(t, 0) + n
-        return arrival
+                    t, n, lag_us = map(int, line.split())
+                    yield t, n, lag_us
 
     def _service(self, name: str, args: list[str], ready: str, nice: int = 0) -> Service:
         return Service(name, niced([str(self.binary), *args], nice), self.dir / f"{name}.log",
@@ -189,7 +201,7 @@ class FloorRun:
         stop_services([*self.clients, *self.servers])
 
     def summarise(self, spans: list[tuple[int, int, int]]) -> list[dict[str, Any]]:
-        arrival = self.arrivals()
+        arrival, lag = self.arrivals(), self.loop_lag_ms()
         answered: dict[int, int] = {}
         hists: dict[int, Histogram] = {}
         for path in self.dir.glob("client*.jsonl"):
@@ -216,6 +228,9 @@ class FloorRun:
                 "passed": (min(server_within, client_within) >= REQUIRED
                            and (hist.percentile(99) or 0) < 100),
                 "latency_p50_ms": hist.percentile(50), "latency_p99_ms": hist.percentile(99),
+                # a SET's loop lag is taken over the whole phase too
+                "loop_lag_max_ms": max((lag[t] for t in range(first, end) if t in lag),
+                                       default=None),
                 **cpu.costs(start_mark, end_mark, served),
             })
         return rows

@@ -516,8 +516,8 @@ def floor_lines(result: dict[str, Any]) -> list[str]:
                     f"client processes, logged in in {fl['login_seconds']} s"
                     if "processes" in fl else "")]
     head = ("target", "arrival±2%", "answer±2%", "p50", "p99", "srv µs/req", "cli µs/req",
-            "box CPU%", "hongbao/floor")
-    fmt = "{:>8}{:>12}{:>11}{:>8}{:>8}{:>12}{:>12}{:>10}{:>15}"
+            "box CPU%", "lag ms", "hongbao/floor")
+    fmt = "{:>8}{:>12}{:>11}{:>8}{:>8}{:>12}{:>12}{:>10}{:>8}{:>15}"
     lines.append(fmt.format(*head))
     ours = {r["target"]: r for r in result.get("phases", [])}
     for r in fl["phases"]:
@@ -531,7 +531,8 @@ def floor_lines(result: dict[str, Any]) -> list[str]:
                                 pct("client_answered_within"), r.get("latency_p50_ms", "-"),
                                 r.get("latency_p99_ms", "-"), r["server_cpu_us_per_request"],
                                 r["client_cpu_us_per_request"], r.get("machine_cpu_percent", "-"),
-                                ratio))
+                                "-" if r.get("loop_lag_max_ms") is None
+                                else round(r["loop_lag_max_ms"], 1), ratio))
     return lines
 
 

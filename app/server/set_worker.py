@@ -118,8 +118,10 @@ class SetWorker:
                           ) from exc
         self.listener = self._listen()
         # coalesce: requests from many client processes gathered into one wake-up
-        # (at most 500 a second; app.reactor); kept under the 10 ms loop-lag budget
-        self.reactor = Reactor(self._dispatch, self.commit, coalesce=0.002)
+        # (app.reactor), under the 10 ms loop-lag budget (the sleep blocks the timers).
+        # 1M connections, 30,000/s, SCHED_BATCH: 2 ms -> 9,600 wake-ups/s over 51 SETs
+        # and 30-31 µs a request; 8 ms -> 4,100-4,300 and 24-27 µs
+        self.reactor = Reactor(self._dispatch, self.commit, coalesce=0.008)
         count = self.stats.count
         self.acceptor = Acceptor(self.listener, self._on_accept, count)
         self.transport = Transport(self.reactor, count)
@@ -458,9 +460,25 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BOOT_ERROR
     logging.basicConfig(level=config.log_level.upper(),
                         format=f"%(asctime)s set-{args.set_id} %(levelname)s %(message)s")
+    batch_scheduling()
     worker = SetWorker(args.set_id, args.sets, args.port, args.inbox,
                        [int(fd) for fd in args.outboxes.split(",")], args.control, config)
     return run_worker(worker)
+
+
+def batch_scheduling() -> None:
+    """Ask the kernel not to let this SET preempt the process that just wrote to it.
+
+    A SET batches on purpose (``Reactor`` coalescing): woken by the first
+    byte of a client's burst it should read the whole burst, not cut in
+    while the writer is still writing. A SCHED_BATCH task is scheduled like
+    any other (same nice, same share) but does not preempt on wake-up; on a
+    core of its own nothing changes, since an idle core runs it at once.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError) as exc:  # not Linux, or refused: schedule as usual
+        log.info("SCHED_BATCH not set: %s", exc)
 
 
 def run_worker(worker: SetWorker) -> int:
