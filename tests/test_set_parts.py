@@ -270,3 +270,37 @@ def test_stats_of_a_batch_equal_the_stats_of_its_shakes_one_by_one(sents):
         single.shake(code, sent, 100)
     assert bulk.tables() == single.tables() and bulk.shake_totals == single.shake_totals
     assert bulk.shake_totals == [2, 2, 0, 2]
+
+
+def test_a_woken_reactor_waits_its_coalescing_time_before_it_reads():
+    """A burst's first byte wakes the reactor; what the burst writes within ``coalesce``
+    is read with it, in one batch (app.reactor: coalescing before the first read)."""
+    import socket
+    import threading
+
+    from app import reactor as reactor_module
+
+    pairs = [socket.socketpair() for _ in range(3)]
+    batches: list[set[int]] = []
+    r = reactor_module.Reactor(lambda events: batches.append({fd for fd, _ in events}),
+                               coalesce=0.2)
+    ours_fds = {ours.fileno() for ours, _ in pairs}
+    for fd in ours_fds:
+        r.register(fd)
+
+    def burst() -> None:  # another writer: three sockets 20 ms apart, well inside 200 ms
+        for _, theirs in pairs:
+            theirs.send(b"x")
+            time.sleep(0.02)
+
+    r.start()
+    gevent.sleep(0.05)
+    writer = threading.Thread(target=burst)  # a real thread: the reactor wakes meanwhile
+    writer.start()
+    gevent.sleep(0.5)
+    writer.join()
+    r.close()
+    for ours, theirs in pairs:
+        ours.close()
+        theirs.close()
+    assert batches[0] == ours_fds
