@@ -11,8 +11,9 @@
  *       "none left"; one read and at most one write per ready socket. A
  *       timer in the same epoll at a SET's generation ticks (10 a second, on
  *       the wall clock) measures how late the loop wakes: the floor under a
- *       SET's loop lag. SCHED_BATCH, as a SET. On SIGTERM writes "second shakes lag_us" lines (by
- *       arrival; the second's worst lateness) to OUT and exits.
+ *       SET's loop lag. Scheduled SCHED_BATCH, as a SET. On SIGTERM writes
+ *       "second shakes lag_us" lines (arrivals; the second's worst lateness)
+ *       to OUT and exits.
  *   floor client PORT SOURCES FIRST COUNT TICKS RATE PROCS INDEX OUT
  *       COUNT connections (users FIRST..), source addresses SOURCES (comma
  *       separated, IP_BIND_ADDRESS_NO_PORT), at most RATE new attempts a

@@ -2,9 +2,9 @@
 
 Every long-lived child (server, client agent, benchmark load, the monitor
 stack's daemons) is started as the leader of its own process group, so its
-PID is also its process group: a SIGTERM to the PID asks for a graceful stop, and a SIGKILL
-to the group afterwards takes any worker left behind with it — without
-ever naming a process by its command.
+PID is also its group's: a SIGTERM to the PID asks for a graceful stop, and
+a SIGKILL to the group afterwards takes any worker left behind with it —
+without ever naming a process by its command.
 """
 
 from __future__ import annotations
