@@ -250,7 +250,7 @@ def test_out_of_descriptors_the_set_pauses_accepting_and_comes_back(tmp_path):
         counters = wait_for(lambda: (c := get_json(control, "/stats")["counters"]).get(
             "accept_exhausted") and c.get("logins", 0) > 100 and c)
         served = counters["logins"]
-        assert served < 200
+        assert 100 < served < 200
         for client in held[:100]:  # free descriptors: the waiting ones get in
             client.close()
         for client in held[100:]:

@@ -26,7 +26,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,29 +122,23 @@ class FloorRun:
     def server_processes(self) -> list[psutil.Process]:
         return self.external.processes() if self.external else processes(self.servers)
 
-    def arrivals(self) -> dict[int, int]:
-        """Requests served per second by arrival at the server(s)."""
+    def server_seconds(self) -> tuple[dict[int, int], dict[int, float]]:
+        """Per second: requests served by arrival, and the servers' worst loop lag (ms).
+
+        One pass over the C servers' files ("second arrivals lateness_us"); with
+        another server (``external``) its arrivals, and no loop lag of ours.
+        """
         if self.external:
-            return self.external.arrivals()
+            return self.external.arrivals(), {}
         arrival: dict[int, int] = {}
-        for t, n, _ in self._server_seconds():
-            arrival[t] = arrival.get(t, 0) + n
-        return arrival
-
-    def loop_lag_ms(self) -> dict[int, float]:
-        """Per second, how late the C servers' loops woke at worst (their 10 ticks a second)."""
-        worst: dict[int, float] = {}
-        for t, _, lag_us in self._server_seconds():
-            worst[t] = max(worst.get(t, 0.0), lag_us / 1000)
-        return worst
-
-    def _server_seconds(self) -> Iterator[tuple[int, int, int]]:
-        """``(second, arrivals, worst lateness µs)`` of every C server's file."""
+        lag: dict[int, float] = {}
         for path in self.dir.glob("server*.txt"):
             for line in path.read_text().split("\n"):
                 if line:
                     t, n, lag_us = map(int, line.split())
-                    yield t, n, lag_us
+                    arrival[t] = arrival.get(t, 0) + n
+                    lag[t] = max(lag.get(t, 0.0), lag_us / 1000)
+        return arrival, lag
 
     def _service(self, name: str, args: list[str], ready: str, nice: int = 0) -> Service:
         return Service(name, niced([str(self.binary), *args], nice), self.dir / f"{name}.log",
@@ -201,7 +195,7 @@ class FloorRun:
         stop_services([*self.clients, *self.servers])
 
     def summarise(self, spans: list[tuple[int, int, int]]) -> list[dict[str, Any]]:
-        arrival, lag = self.arrivals(), self.loop_lag_ms()
+        arrival, lag = self.server_seconds()
         answered: dict[int, int] = {}
         hists: dict[int, Histogram] = {}
         for path in self.dir.glob("client*.jsonl"):
