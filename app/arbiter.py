@@ -18,11 +18,14 @@ judged by the same rules.
   on with the other SETs, the agent halts and exits 3).
 - **Graceful stop**: ``request_stop`` (SIGTERM unless the owner says
   otherwise) to every child, a bounded wait, then SIGKILL.
+- **Scheduling**: each child (a SET, a client worker) calls
+  ``batch_scheduling`` as it boots.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from typing import Generic, TypeVar
@@ -38,6 +41,22 @@ RESTART_BACKOFF = (0.0, 0.2, 0.5, 1.0, 2.0, 5.0)  # seconds before the n-th quic
 STABLE_AFTER = 10.0  # a child that ran this long restarts without backoff next time
 LIVENESS_CHECK = 1.0  # seconds between liveness checks
 
+
+
+def batch_scheduling() -> None:
+    """Ask the kernel not to let this child preempt the process that just wrote to it.
+
+    Both ends batch on purpose: a SET coalesces a client's burst into one
+    read (``Reactor``), a client worker reads the answers to its tick
+    together. Woken by the first byte, neither should cut in while the
+    writer is still writing. A SCHED_BATCH task is scheduled like any other
+    (same nice, same share) but does not preempt on wake-up; on a core of its
+    own nothing changes, since an idle core runs it at once.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError) as exc:  # not Linux, or refused: schedule as usual
+        log.info("SCHED_BATCH not set: %s", exc)
 
 class RestartPolicy:
     """The delay before a restart: grows while a child keeps dying quickly, resets after."""

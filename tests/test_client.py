@@ -94,6 +94,20 @@ def test_server_counts_equal_the_sum_of_the_shares_every_second(start_server, ag
     assert health["clock_offset_ms"] is not None and abs(health["clock_offset_ms"]) < 50
 
 
+def test_every_worker_is_scheduled_as_a_batch_task_and_the_agent_is_not(start_server, agents):
+    """Woken by an answer a worker must not preempt the SET still writing the rest
+    (app.arbiter.batch_scheduling; 200k / 60,000/s: 100% of seconds against 76-79%)."""
+    import os
+
+    server = start_server(sets=1)
+    agent = agents(server, (1, 200), processes=2)
+    agent.wait_connected(200)
+    pids = [proc["pid"] for proc in agent.get("/stats")["processes"]]
+    assert len(pids) == 2 and all(pids)
+    assert all(os.sched_getscheduler(pid) == os.SCHED_BATCH for pid in pids)
+    assert os.sched_getscheduler(agent.proc.pid) == os.SCHED_OTHER
+
+
 def test_reconnects_converge_after_a_server_restart_without_a_stampede(start_server, agents):
     server = start_server(sets=2)
     port, n, rate = server.port, 3000, 1000

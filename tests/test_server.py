@@ -55,7 +55,7 @@ def test_handoff_lands_every_user_on_its_owner_set(server, clients):
 
 
 def test_every_set_is_scheduled_as_a_batch_task_and_the_supervisor_is_not(server):
-    """A SET must not preempt a client writing it a burst (set_worker.batch_scheduling)."""
+    """A SET must not preempt a client writing it a burst (app.arbiter.batch_scheduling)."""
     pids = server.set_pids()
     assert len(pids) == 4
     assert all(os.sched_getscheduler(pid) == os.SCHED_BATCH for pid in pids)

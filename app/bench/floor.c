@@ -11,7 +11,8 @@
  *       "none left"; one read and at most one write per ready socket. A
  *       timer in the same epoll at a SET's generation ticks (10 a second, on
  *       the wall clock) measures how late the loop wakes: the floor under a
- *       SET's loop lag. Scheduled SCHED_BATCH, as a SET. On SIGTERM writes
+ *       SET's loop lag. Scheduled SCHED_BATCH, as a SET (and the clients, as
+ *       hongbao's client workers). On SIGTERM writes
  *       "second shakes lag_us" lines (arrivals; the second's worst lateness)
  *       to OUT and exits.
  *   floor client PORT SOURCES FIRST COUNT TICKS RATE PROCS INDEX OUT
@@ -86,6 +87,12 @@ struct sconn { uint32_t userid; uint8_t inlen; unsigned char in[16]; };
 static volatile sig_atomic_t stopping;
 static void on_term(int sig) { (void)sig; stopping = 1; }
 
+/* scheduled as hongbao's SETs and client workers are (app.arbiter.batch_scheduling) */
+static void batch_scheduling(void) {
+    struct sched_param sp = {0};
+    sched_setscheduler(0, SCHED_BATCH, &sp);
+}
+
 static int server(int port, const char *out) {
     raise_nofile();
     struct rlimit rl;
@@ -95,9 +102,7 @@ static int server(int port, const char *out) {
     static long arrivals[MAX_SECONDS], lag_us[MAX_SECONDS];
     long base = (long)now_s();
     signal(SIGTERM, on_term);
-    /* scheduled as a SET is (app.server.set_worker.batch_scheduling) */
-    struct sched_param sp = {0};
-    sched_setscheduler(0, SCHED_BATCH, &sp);
+    batch_scheduling();
 
     int lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
     int one = 1;
@@ -322,6 +327,7 @@ static int client(int argc, char **argv) {
     long procs = atol(argv[8]), index = atol(argv[9]);
     const char *out = argv[10];
     raise_nofile();
+    batch_scheduling();
     struct rlimit rl;
     getrlimit(RLIMIT_NOFILE, &rl);
     conn_of_fd = malloc(sizeof(int) * rl.rlim_cur);

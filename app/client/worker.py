@@ -45,7 +45,7 @@ from typing import Any
 import gevent
 from gevent.event import Event
 
-from app.arbiter import EXIT_BOOT_ERROR
+from app.arbiter import EXIT_BOOT_ERROR, batch_scheduling
 from app.client import fastpath
 from app.client.histogram import Histogram
 from app.client.schedule import Timeline, clip, tick_span
@@ -557,6 +557,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=spec.get("log_level", "info").upper(), stream=sys.stderr,
                         format=f"%(asctime)s client.p{spec['index']} %(levelname)s %(message)s")
     raise_fd_limit(spec["end"] - spec["begin"])
+    batch_scheduling()
     # Ctrl-C reaches the whole process group; the agent decides when we stop
     # (a "stop" line or the end of stdin), so a terminal's SIGINT is ignored.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -52,6 +52,7 @@ from gevent import socket as gsocket
 
 from app import protocol as p
 from app import settings
+from app.arbiter import EXIT_BOOT_ERROR, batch_scheduling
 from app.metrics import system as sysmetrics
 from app.metrics.statsd import Metrics
 from app.reactor import READ_WRITE, WRITE, Reactor, read_some
@@ -75,7 +76,6 @@ from app.server.transport import HOT, Conn, Transport
 
 log = logging.getLogger("hongbao.set")
 
-EXIT_BOOT_ERROR = 3  # the supervisor does not restart a SET that cannot boot
 EXIT_RESTART = 75  # stopped on a failed journal write or a run-time limit: restart me
 
 
@@ -466,21 +466,6 @@ def main(argv: list[str] | None = None) -> int:
     worker = SetWorker(args.set_id, args.sets, args.port, args.inbox,
                        [int(fd) for fd in args.outboxes.split(",")], args.control, config)
     return run_worker(worker)
-
-
-def batch_scheduling() -> None:
-    """Ask the kernel not to let this SET preempt the process that just wrote to it.
-
-    A SET batches on purpose (``Reactor`` coalescing): woken by the first
-    byte of a client's burst it should read the whole burst, not cut in
-    while the writer is still writing. A SCHED_BATCH task is scheduled like
-    any other (same nice, same share) but does not preempt on wake-up; on a
-    core of its own nothing changes, since an idle core runs it at once.
-    """
-    try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    except (AttributeError, OSError) as exc:  # not Linux, or refused: schedule as usual
-        log.info("SCHED_BATCH not set: %s", exc)
 
 
 def run_worker(worker: SetWorker) -> int:
