@@ -14,6 +14,9 @@
 #include <Python.h>
 #include <structmember.h>
 #include <errno.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
@@ -92,6 +95,40 @@ read_fd(int fd, char *buf, size_t size)
     return n;
 }
 
+/* SO_TIMESTAMPNS (asm-generic/socket.h): a socket with it set reports each
+ * read's kernel receive time (app.client.worker sets it, app.reactor.read_stamped
+ * is the Python twin). */
+#define HOT_SO_TIMESTAMPNS 35
+
+/* recvmsg(2) retried on EINTR; *arrived is the kernel's receive time of what
+ * was read (s since the epoch), or 0.0 when the socket does not stamp. */
+static inline Py_ssize_t
+read_fd_stamped(int fd, char *buf, size_t size, double *arrived)
+{
+    char control[CMSG_SPACE(sizeof(struct timespec))];
+    struct iovec iov = {buf, size};
+    struct msghdr msg = {0};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    Py_ssize_t n;
+    do {
+        n = recvmsg(fd, &msg, 0);
+    } while (n < 0 && errno == EINTR);
+    *arrived = 0.0;
+    if (n <= 0)
+        return n;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == HOT_SO_TIMESTAMPNS) {
+            struct timespec ts;
+            memcpy(&ts, CMSG_DATA(c), sizeof ts);
+            *arrived = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+        }
+    }
+    return n;
+}
+
 /* write(2) retried on EINTR. */
 static inline Py_ssize_t
 write_fd(int fd, const char *buf, size_t size)
@@ -141,10 +178,12 @@ enum { EVENT_ERROR = -1, EVENT_REST, EVENT_EMPTY, EVENT_DATA };
  * twin is app.reactor.plain_reads): an event whose record is not plain goes
  * to ``rest`` (EVENT_REST); a plain one is read into ``buf``; a peer gone is
  * appended to ``got`` as (conn, None) (EVENT_EMPTY, as is a read with nothing
- * there); otherwise ``*conn`` and ``*n`` say what was read (EVENT_DATA). */
+ * there); otherwise ``*conn`` and ``*n`` say what was read (EVENT_DATA).
+ * With ``arrived`` (the client side) the read is stamped (read_fd_stamped). */
 static int
 read_plain(PyObject *event, PyObject *records, int (*plain)(PyObject *, long), PyObject *rest,
-           PyObject *got, unsigned char *buf, Py_ssize_t size, PyObject **conn, Py_ssize_t *n)
+           PyObject *got, unsigned char *buf, Py_ssize_t size, PyObject **conn, Py_ssize_t *n,
+           double *arrived)
 {
     if (!PyTuple_Check(event) || PyTuple_GET_SIZE(event) != 2) {
         PyErr_SetString(PyExc_TypeError, "events are (fd, mask) pairs");
@@ -162,7 +201,9 @@ read_plain(PyObject *event, PyObject *records, int (*plain)(PyObject *, long), P
     long fd = PyLong_AsLong(fdobj);
     if (fd == -1 && PyErr_Occurred())
         return EVENT_ERROR;
-    Py_ssize_t got_bytes = read_fd((int)fd, (char *)buf, (size_t)size);
+    Py_ssize_t got_bytes = arrived == NULL
+        ? read_fd((int)fd, (char *)buf, (size_t)size)
+        : read_fd_stamped((int)fd, (char *)buf, (size_t)size, arrived);
     if (got_bytes < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
         return EVENT_EMPTY;
     if (got_bytes < 0 && !peer_gone(errno)) {

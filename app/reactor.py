@@ -21,9 +21,11 @@ share per request already equals the C floor's (``perf``, same run).
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
 import select
+import struct
 import time
 from collections.abc import Callable, Iterator
 
@@ -35,6 +37,10 @@ WRITE = select.EPOLLOUT
 READ_WRITE = READ | WRITE
 MAX_EVENTS = 4096  # per batch; the rest are polled again after one turn of the gevent loop
 LOOP_TURN = 1e-4  # s; a positive sleep goes through a whole turn of the loop (see _run)
+
+SO_TIMESTAMPNS = 35  # asm-generic/socket.h; also the control message's type
+_TIMESPEC = struct.Struct("=qq")
+STAMP_SPACE = _socket.CMSG_SPACE(_TIMESPEC.size)
 
 # errnos that mean "the peer is gone", not "we are broken"
 GONE = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT,
@@ -129,14 +135,16 @@ class Reactor:
 
 
 def plain_reads(events: list[tuple[int, int]], records: dict, plain: Callable[[object, int], bool],
-                size: int, rest: list, got: list) -> Iterator[tuple[object, bytes]]:
-    """Read each event of a batch whose record is *plain*; yield ``(record, bytes)``.
+                size: int, rest: list, got: list,
+                stamped: bool = False) -> Iterator[tuple[object, bytes, float]]:
+    """Read each event of a batch whose record is *plain*; yield ``(record, bytes, arrived)``.
 
     The shared first step of both hot paths (``app.server.fastpath``,
     ``app.client.fastpath``; ``read_plain`` in ``app/hotslots.h`` is its C
     twin): an event without a record or not ``plain(record, mask)`` goes to
     ``rest`` unread, a peer gone to ``got`` as ``(record, None)``, a read with
-    nothing there is dropped.
+    nothing there is dropped. ``arrived`` is the kernel's receive time when
+    ``stamped`` and the socket stamps (``read_stamped``), else 0.0.
     """
     for event in events:
         fd, mask = event
@@ -144,11 +152,14 @@ def plain_reads(events: list[tuple[int, int]], records: dict, plain: Callable[[o
         if record is None or not plain(record, mask):
             rest.append(event)
             continue
-        data = read_some(fd, size)
+        if stamped:
+            data, arrived = read_stamped(fd, size)
+        else:
+            data, arrived = read_some(fd, size), 0.0
         if data is None:
             got.append((record, None))
         elif data:
-            yield record, data
+            yield record, data, arrived
 
 
 def write_some(fd: int, data: bytes) -> bytes | None:
@@ -178,6 +189,35 @@ def read_some(fd: int, size: int = 4096) -> bytes | None:
             return None
         raise
     return data if data else None
+
+
+def read_stamped(fd: int, size: int = 4096) -> tuple[bytes | None, float]:
+    """``read_some`` with the kernel's receive time of what was read (0.0: not stamped).
+
+    A socket with ``SO_TIMESTAMPNS`` set reports when its bytes reached it,
+    whenever its reader gets to them: a client's latency is then the
+    server's, not also its own scheduling delay on a shared box. The Python
+    twin of ``read_fd_stamped`` (``app/hotslots.h``); a socket object per
+    call, so the reference path only.
+    """
+    sock = _socket.socket(fileno=fd)
+    try:
+        data, ancillary, _, _ = sock.recvmsg(size, STAMP_SPACE)
+    except BlockingIOError:
+        return b"", 0.0
+    except OSError as exc:
+        if exc.errno in GONE:
+            return None, 0.0
+        raise
+    finally:
+        sock.detach()
+    if not data:
+        return None, 0.0
+    for level, kind, value in ancillary:
+        if level == _socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= 16:
+            seconds, nanoseconds = _TIMESPEC.unpack_from(value)
+            return data, seconds + nanoseconds * 1e-9
+    return data, 0.0
 
 
 def close_fd(fd: int) -> None:

@@ -299,19 +299,61 @@ def test_read_answers_counts_lone_results_and_passes_the_rest_on(sockets):
         by_fd[queued.fd] = queued
         names[id(queued)] = "queued"
         events.append((queued.fd, IN))
-        hist, results = Histogram(), {}
-        rest, got, *counts = impl.read_answers(events, by_fd, 4096, 7.25, hist, results)
+        hist, results, by_second = Histogram(), {}, {}
+        rest, got, *counts = impl.read_answers(events, by_fd, 4096, 7.25, hist, results,
+                                               by_second)
         outcomes.append(([names[id(by_fd[fd])] for fd, _ in rest],
                          sorted((names[id(c)], d) for c, d in got), counts, hist.counts,
-                         hist.total, results,
+                         hist.total, results, by_second,
                          {names[id(c)]: c.sent_at for c in by_fd.values()}))
     assert outcomes[0] == outcomes[1]
-    rest, got, counts, hist_counts, total, results, sent_at = outcomes[0]
+    rest, got, counts, hist_counts, total, results, by_second, sent_at = outcomes[0]
     assert rest == ["queued"] and [name for name, _ in got] == ["closed", "half", "push"]
     assert counts == [4, 300, 2]  # answered, amount granted, unanswered SHAKEs released
-    assert total == 2 and sum(hist_counts.values()) == 2  # 250 ms each, one bucket
+    # socket pairs do not stamp: arrival is when read (now = 7.25), 250 ms each, one bucket
+    assert total == 2 and sum(hist_counts.values()) == 2 and by_second == {7: 4}
     assert results == {14: 1, 15: 3}
     assert sent_at["one"] == sent_at["two"] == 0.0 and sent_at["push"] == 7.0
+
+
+def test_read_answers_measures_from_the_kernels_arrival_stamp_not_the_read():
+    """A worker that reads late (no CPU on a shared box) still measures the server:
+    latency and the answer's second come from the socket's SO_TIMESTAMPNS stamp."""
+    import time
+
+    from app.client.histogram import bucket
+    from app.reactor import SO_TIMESTAMPNS
+
+    outcomes = []
+    for impl in client_impls():
+        listener = socket.create_server(("127.0.0.1", 0))
+        reader = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+        try:
+            reader.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            reader.setblocking(False)
+            conn = ClientConn(1, 101)
+            conn.fd, conn.state = reader.fileno(), READY
+            conn.session = p.ClientSession(101)
+            conn.session.phase = p.Phase.OPEN
+            conn.sent_at = time.time()
+            server.send(RESULT.pack(28, 3, SECOND, 101, 15, 0, 0))
+            arrived = time.time()
+            time.sleep(0.3)  # the worker gets to it late
+            select.select([reader], [], [], 5)
+            hist, results, by_second = Histogram(), {}, {}
+            now = time.time() + 5.0  # and reads it in a later second still
+            rest, got, answered, _, released = impl.read_answers(
+                [(conn.fd, IN)], {conn.fd: conn}, 4096, now, hist, results, by_second)
+            outcomes.append((rest, got, answered, released, by_second, hist.counts))
+            assert (rest, got, answered, released) == ([], [], 1, 1)
+            assert by_second == {int(arrived): 1} or by_second == {int(arrived) + 1: 1}
+            (measured,) = hist.counts
+            assert measured <= bucket(100_000)  # not the 300 ms + 5 s until the read
+        finally:
+            for s in (reader, server, listener):
+                s.close()
+    assert len(outcomes) == 2
 
 
 def test_the_worker_and_the_set_run_the_compiled_path_when_it_is_built():

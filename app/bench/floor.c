@@ -23,7 +23,8 @@
  *       sends share INDEX of PROCS) and sends, in TICKS wall-clock ticks a
  *       second, one write per request, the rotating window of the scheduler.
  *       At the end writes one JSON line per second to OUT: sent, answered
- *       (by answer second) and the latency histogram in app.client.histogram's
+ *       (by the second the answer arrived, SO_TIMESTAMPNS, as hongbao's
+ *       workers count) and the latency histogram in app.client.histogram's
  *       buckets, then exits (SO_LINGER 0: no TIME_WAIT left behind).
  */
 #define _GNU_SOURCE
@@ -253,6 +254,8 @@ static int client_connect(long i) {
     struct linger lg = {1, 0};
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    /* answers stamped on arrival, as hongbao's workers measure (app.reactor.read_stamped) */
+    setsockopt(fd, SOL_SOCKET, SO_TIMESTAMPNS, &one, sizeof one);
     if (nsources) {
         setsockopt(fd, SOL_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
         struct sockaddr_in src = {.sin_family = AF_INET, .sin_addr = sources[i % nsources]};
@@ -283,12 +286,22 @@ static void client_read(long i, double now) {
     struct cconn *c = &cc[i];
     unsigned char buf[4096 + 28];
     memcpy(buf, c->in, c->inlen);
-    ssize_t got = read(c->fd, buf + c->inlen, 4096);
+    char control[CMSG_SPACE(sizeof(struct timespec))];
+    struct iovec iov = {buf + c->inlen, 4096};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control,
+                         .msg_controllen = sizeof control};
+    ssize_t got = recvmsg(c->fd, &msg, 0);
     if (got <= 0) {
         if (got < 0 && errno == EAGAIN) return;
         client_close(i);
         return;
     }
+    for (struct cmsghdr *m = CMSG_FIRSTHDR(&msg); m; m = CMSG_NXTHDR(&msg, m))
+        if (m->cmsg_level == SOL_SOCKET && m->cmsg_type == SO_TIMESTAMPNS) {
+            struct timespec ts;
+            memcpy(&ts, CMSG_DATA(m), sizeof ts);
+            now = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;  /* when it arrived */
+        }
     size_t len = c->inlen + got, off = 0;
     while (len - off >= 4) {
         unsigned flen = get16(buf + off), cmd = get16(buf + off + 2);

@@ -24,7 +24,7 @@ static Py_ssize_t off_userid, off_fd, off_state, off_out, off_session, off_sent_
     off_asked, off_phase, off_buf;
 
 static PyObject *
-bind(PyObject *self, PyObject *args)
+bind_records(PyObject *self, PyObject *args)
 {
     PyObject *ctype, *stype, *phase;
     long ready;
@@ -207,9 +207,9 @@ bucket(long long us)
     return SUB + (long long)shift * SUB + ((us >> shift) & (SUB - 1));
 }
 
-/* d[key] = d.get(key, 0) + 1 for a C integer key. */
+/* d[key] = d.get(key, 0) + n for C integers. */
 static int
-count_in(PyObject *d, long long key)
+count_add(PyObject *d, long long key, Py_ssize_t n)
 {
     PyObject *k = PyLong_FromLongLong(key);
     if (k == NULL)
@@ -221,9 +221,13 @@ count_in(PyObject *d, long long key)
             Py_DECREF(k);
             return -1;
         }
-        v = PyLong_FromLong(1);
-    } else {
+        v = PyLong_FromSsize_t(n);
+    } else if (n == 1) {
         v = PyNumber_Add(old, one);
+    } else {
+        PyObject *more = PyLong_FromSsize_t(n);
+        v = more == NULL ? NULL : PyNumber_Add(old, more);
+        Py_XDECREF(more);
     }
     int rc = v == NULL ? -1 : PyDict_SetItem(d, k, v);
     Py_XDECREF(v);
@@ -231,14 +235,20 @@ count_in(PyObject *d, long long key)
     return rc;
 }
 
+static int
+count_in(PyObject *d, long long key)
+{
+    return count_add(d, key, 1);
+}
+
 static PyObject *
 read_answers(PyObject *self, PyObject *args)
 {
-    PyObject *events, *by_fd, *hist, *results;
+    PyObject *events, *by_fd, *hist, *results, *by_second;
     Py_ssize_t size;
     double now;
-    if (!PyArg_ParseTuple(args, "O!O!ndOO!", &PyList_Type, &events, &PyDict_Type, &by_fd, &size,
-                          &now, &hist, &PyDict_Type, &results))
+    if (!PyArg_ParseTuple(args, "O!O!ndOO!O!", &PyList_Type, &events, &PyDict_Type, &by_fd,
+                          &size, &now, &hist, &PyDict_Type, &results, &PyDict_Type, &by_second))
         return NULL;
     if (conn_type == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "bind() the connection class first");
@@ -266,8 +276,9 @@ read_answers(PyObject *self, PyObject *args)
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *conn;
         Py_ssize_t n;
+        double arrived;
         int what = read_plain(PyList_GET_ITEM(events, i), by_fd, plain, rest, got, buf, size,
-                              &conn, &n);
+                              &conn, &n, &arrived);
         if (what == EVENT_ERROR)
             goto fail;
         if (what != EVENT_DATA)
@@ -277,6 +288,10 @@ read_answers(PyObject *self, PyObject *args)
                 goto fail;
             continue;
         }
+        if (arrived <= 0.0)
+            arrived = now;  /* a socket that does not stamp: when we read it */
+        if (count_add(by_second, (long long)arrived, n / RESULT_SIZE) < 0)
+            goto fail;
         for (Py_ssize_t at = 0; at < n; at += RESULT_SIZE) {
             uint32_t result = get_u32(buf + at + 16);
             answered++;
@@ -291,7 +306,7 @@ read_answers(PyObject *self, PyObject *args)
                 double sent_at = PyFloat_AsDouble(SLOT(conn, off_sent_at));
                 if (sent_at == -1.0 && PyErr_Occurred())
                     goto fail;
-                if (count_in(counts, bucket((long long)((now - sent_at) * 1e6))) < 0)
+                if (count_in(counts, bucket((long long)((arrived - sent_at) * 1e6))) < 0)
                     goto fail;
                 slot_set(conn, off_sent_at, zero_float);
                 released++;
@@ -320,14 +335,14 @@ fail:
 }
 
 static PyMethodDef methods[] = {
-    {"bind", bind, METH_VARARGS,
+    {"bind", bind_records, METH_VARARGS,
      "bind(conn_type, session_type, open_phase, ready): the records of the fast path"},
     {"send_shakes", send_shakes, METH_VARARGS,
      "send_shakes(conns, second, now, cap, outstanding, send) -> (sent, skipped, busy, "
      "outstanding)"},
     {"read_answers", read_answers, METH_VARARGS,
-     "read_answers(events, by_fd, size, now, hist, results) -> (rest, got, answered, amount, "
-     "released)"},
+     "read_answers(events, by_fd, size, now, hist, results, by_second) -> (rest, got, answered, "
+     "amount, released)"},
     {NULL, NULL, 0, NULL},
 };
 

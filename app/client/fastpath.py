@@ -9,13 +9,18 @@ way (the session, ``Worker.send``, ``Worker._frames``):
   (or a process already ``cap`` answers behind) is busy; returns
   ``(sent, skipped, busy, outstanding)``. A socket that does not take the
   frame at once goes through ``send(conn, rest, now)``.
-- ``read_answers(events, by_fd, size, now, hist, results)`` reads every
-  plain connection that is ready; answers made only of SHAKE_RESULTs are
-  counted at once (``results`` by code, latency into ``hist``, the user
-  free to be asked again); returns ``(rest, got, answered, amount,
-  released)``: events not read, (conn, bytes) read but not only
-  SHAKE_RESULTs or (conn, None) for a peer gone, answers, the amount they
-  granted, and how many unanswered SHAKEs they released.
+- ``read_answers(events, by_fd, size, now, hist, results, by_second)``
+  reads every plain connection that is ready; answers made only of
+  SHAKE_RESULTs are counted at once (``results`` by code, ``by_second`` by
+  the second they arrived, latency into ``hist``, the user free to be asked
+  again); returns ``(rest, got, answered, amount, released)``: events not
+  read, (conn, bytes) read but not only SHAKE_RESULTs or (conn, None) for a
+  peer gone, answers, the amount they granted, and how many unanswered
+  SHAKEs they released. "Arrived" is the kernel's receive time of the read
+  (the worker's sockets set ``SO_TIMESTAMPNS``), ``now`` for a socket that
+  does not stamp: on a box the clients share with the server, a worker
+  waiting for a CPU would otherwise add its own delay to the server's
+  latency and move answers into the next second.
 
 This module is the reference: ``implementation()`` returns the compiled
 ``app.client._fastclient`` when built (same functions, same results; tests
@@ -87,23 +92,27 @@ def _plain(conn: object, mask: int) -> bool:
 
 
 def read_answers(events: list[tuple[int, int]], by_fd: dict, size: int, now: float, hist,
-                 results: dict):
+                 results: dict, by_second: dict):
     """Read and count lone SHAKE_RESULTs (see the module docstring)."""
     rest: list[tuple[int, int]] = []
     got: list[tuple[object, bytes | None]] = []
     answered = amount = released = 0
-    for conn, data in plain_reads(events, by_fd, _plain, size, rest, got):
+    for conn, data, arrived in plain_reads(events, by_fd, _plain, size, rest, got, stamped=True):
         frames = _results(data)
         if frames is None:
             got.append((conn, data))
             continue
+        if arrived <= 0.0:
+            arrived = now  # a socket that does not stamp: when we read it
+        second = int(arrived)
+        by_second[second] = by_second.get(second, 0) + len(frames)
         for result, granted in frames:
             answered += 1
             results[result] = results.get(result, 0) + 1
             if result == _GOT:
                 amount += granted
             if conn.sent_at:
-                hist.record(int((now - conn.sent_at) * 1e6))
+                hist.record(int((arrived - conn.sent_at) * 1e6))
                 conn.sent_at = 0.0
                 released += 1
     return rest, got, answered, amount, released

@@ -58,7 +58,7 @@ from app.protocol import (
     ShakeCode,
     ShakeResult,
 )
-from app.reactor import READ, READ_WRITE, Reactor, close_fd, read_some, write_some
+from app.reactor import READ, READ_WRITE, SO_TIMESTAMPNS, Reactor, close_fd, read_some, write_some
 
 log = logging.getLogger("hongbao.client.worker")
 
@@ -167,7 +167,7 @@ class Worker:
         self.ready = 0
         self.reactor = Reactor(self._dispatch, coalesce=COALESCE)
         self.outstanding = 0  # SHAKEs sent and not yet answered, all users of this process
-        self.answered: dict[int, int] = {}  # answers by the second they were read in
+        self.answered: dict[int, int] = {}  # answers by the second they arrived in
         self.share = (self.end - self.begin) / max(1, self.n)  # of the host's QPS
         self.wake = Event()
         self.stdin = sys.stdin.fileno() if control_fd is None else control_fd
@@ -221,9 +221,11 @@ class Worker:
         sys.stdout.flush()
 
     def _answered_until(self, second: int) -> int:
-        """Answers read up to the end of ``second`` and not yet reported.
+        """Answers that arrived up to the end of ``second`` and were not yet reported.
 
-        Counted by the wall-clock second they were read in, not by when the
+        Counted by the wall-clock second they arrived in (the kernel's
+        receive stamp, ``app.client.fastpath``; the general path, rare, by
+        when it read them), not by when the
         pacer gets to write the report: a report written 50 ms late (a
         stalled process) used to count the next second's first 50 ms in
         this one, and the clients' "answered per second" swung by that much
@@ -246,6 +248,9 @@ class Worker:
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # answers stamped on arrival (app.reactor.read_stamped): the server's
+            # latency, not also this process's wait for a CPU
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             if self.sources:
                 sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 sock.bind((self.sources[conn.pos % len(self.sources)], 0))
@@ -326,10 +331,8 @@ class Worker:
         now = time.time()
         # Lone SHAKE_RESULTs of plain connections counted in bulk (app.client.fastpath),
         # then what was read that was not only those, then the events not read.
-        rest, got, answered, amount, released = HOT.read_answers(
-            events, self.by_fd, READ_SIZE, now, self.hist, self.results)
-        if answered:
-            self._count_answers(answered, now)
+        rest, got, _, amount, released = HOT.read_answers(
+            events, self.by_fd, READ_SIZE, now, self.hist, self.results, self.answered)
         self.shake_amount += amount
         self.outstanding -= released
         for conn, data in got:

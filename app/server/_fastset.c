@@ -21,7 +21,7 @@ static PyObject *open_phase = NULL;
 static Py_ssize_t off_userid, off_phase, off_buf, off_fd, off_out, off_blocked;
 
 static PyObject *
-bind(PyObject *self, PyObject *args)
+bind_records(PyObject *self, PyObject *args)
 {
     PyObject *type, *phase;
     if (!PyArg_ParseTuple(args, "O!O", &PyType_Type, &type, &phase))
@@ -91,7 +91,7 @@ read_shakes(PyObject *self, PyObject *args)
         PyObject *conn;
         Py_ssize_t n;
         int what = read_plain(PyList_GET_ITEM(events, i), conns, plain, rest, got, buf, size,
-                              &conn, &n);
+                              &conn, &n, NULL);
         if (what == EVENT_ERROR)
             goto fail;
         if (what != EVENT_DATA)
@@ -246,7 +246,7 @@ fail:
 }
 
 static PyMethodDef methods[] = {
-    {"bind", bind, METH_VARARGS, "bind(conn_type, open_phase): the record class of the fast path"},
+    {"bind", bind_records, METH_VARARGS, "bind(conn_type, open_phase): the record class of the fast path"},
     {"read_shakes", read_shakes, METH_VARARGS,
      "read_shakes(events, conns, size) -> (rest, got, shakers, sents)"},
     {"queue_results", queue_results, METH_VARARGS,

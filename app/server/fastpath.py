@@ -61,7 +61,7 @@ def read_shakes(events: list[tuple[int, int]], conns: dict, size: int):
     got: list[tuple[object, bytes | None]] = []
     shakers: list[object] = []
     sents: list[int] = []
-    for conn, data in plain_reads(events, conns, _plain, size, rest, got):
+    for conn, data, _ in plain_reads(events, conns, _plain, size, rest, got):
         frames = _shakes(data, conn.userid)
         if frames is None:
             got.append((conn, data))
