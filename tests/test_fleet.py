@@ -182,6 +182,14 @@ def test_check_diff_on_new_hosts(fleet):
     assert all(r["changed"] > 0 for r in checked["recap"].values())
 
 
+def test_stop_on_hosts_never_deployed_stops_nothing_and_passes(fleet):
+    """A user who runs stop.yml first (or against fresh hosts) gets a clean pass."""
+    stopped = play(fleet, "stop.yml", name="stop-new")
+    assert set(stopped["recap"]) == {h.name for h in fleet.hosts[:1 + CLIENTS]}
+    assert all(r["changed"] == 0 for r in stopped["recap"].values())
+    assert "Stop hongbao-client" in stopped["output"] and "skipping" in stopped["output"]
+
+
 def _step(summary: dict, name: str) -> dict:
     """The step of that name (a ramp's last attempt)."""
     steps = [s for s in summary["steps"]
