@@ -42,7 +42,6 @@ STABLE_AFTER = 10.0  # a child that ran this long restarts without backoff next 
 LIVENESS_CHECK = 1.0  # seconds between liveness checks
 
 
-
 def batch_scheduling() -> None:
     """Ask the kernel not to let this child preempt the process that just wrote to it.
 
@@ -57,6 +56,7 @@ def batch_scheduling() -> None:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     except (AttributeError, OSError) as exc:  # not Linux, or refused: schedule as usual
         log.info("SCHED_BATCH not set: %s", exc)
+
 
 class RestartPolicy:
     """The delay before a restart: grows while a child keeps dying quickly, resets after."""

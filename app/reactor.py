@@ -200,7 +200,12 @@ def read_stamped(fd: int, size: int = 4096) -> tuple[bytes | None, float]:
     twin of ``read_fd_stamped`` (``app/hotslots.h``); a socket object per
     call, so the reference path only.
     """
-    sock = _socket.socket(fileno=fd)
+    try:
+        sock = _socket.socket(fileno=fd)
+    except OSError as exc:  # closed under us: as a read would say
+        if exc.errno in GONE:
+            return None, 0.0
+        raise
     try:
         data, ancillary, _, _ = sock.recvmsg(size, STAMP_SPACE)
     except BlockingIOError:

@@ -224,9 +224,9 @@ class Worker:
         """Answers that arrived up to the end of ``second`` and were not yet reported.
 
         Counted by the wall-clock second they arrived in (the kernel's
-        receive stamp, ``app.client.fastpath``; the general path, rare, by
-        when it read them), not by when the
-        pacer gets to write the report: a report written 50 ms late (a
+        receive stamp, ``app.client.fastpath``; the rare answer that goes
+        the general way, by when it was read), not by when the pacer gets
+        to write the report: a report written 50 ms late (a
         stalled process) used to count the next second's first 50 ms in
         this one, and the clients' "answered per second" swung by that much
         while the server's count by arrival held. Seconds whose report was
