@@ -95,13 +95,10 @@ read_fd(int fd, char *buf, size_t size)
     return n;
 }
 
-/* SO_TIMESTAMPNS (asm-generic/socket.h): a socket with it set reports each
- * read's kernel receive time (app.client.worker sets it, app.reactor.read_stamped
- * is the Python twin). */
-#define HOT_SO_TIMESTAMPNS 35
-
 /* recvmsg(2) retried on EINTR; *arrived is the kernel's receive time of what
- * was read (s since the epoch), or 0.0 when the socket does not stamp. */
+ * was read (s since the epoch), or 0.0 when the socket does not stamp. A
+ * socket with SO_TIMESTAMPNS set stamps (app.client.worker sets it;
+ * app.reactor.read_stamped is the Python twin). */
 static inline Py_ssize_t
 read_fd_stamped(int fd, char *buf, size_t size, double *arrived)
 {
@@ -120,7 +117,7 @@ read_fd_stamped(int fd, char *buf, size_t size, double *arrived)
     if (n <= 0)
         return n;
     for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
-        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == HOT_SO_TIMESTAMPNS) {
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_TIMESTAMPNS) {
             struct timespec ts;
             memcpy(&ts, CMSG_DATA(c), sizeof ts);
             *arrived = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;

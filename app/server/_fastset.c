@@ -246,7 +246,8 @@ fail:
 }
 
 static PyMethodDef methods[] = {
-    {"bind", bind_records, METH_VARARGS, "bind(conn_type, open_phase): the record class of the fast path"},
+    {"bind", bind_records, METH_VARARGS,
+     "bind(conn_type, open_phase): the record class of the fast path"},
     {"read_shakes", read_shakes, METH_VARARGS,
      "read_shakes(events, conns, size) -> (rest, got, shakers, sents)"},
     {"queue_results", queue_results, METH_VARARGS,
