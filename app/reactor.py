@@ -106,25 +106,44 @@ class Reactor:
         self.stop()
         self.epoll.close()
 
+    @property
+    def watching(self) -> bool:
+        """True while the reactor's greenlet wakes on the epoll (``start``ed, not ``stop``ped)."""
+        return self._greenlet is not None
+
+    def drain(self) -> int:
+        """Handle every event ready now, without waiting; return how many there were.
+
+        For an owner that wakes on its own clock and reads then (a client
+        worker at each tick, with the greenlet ``stop``ped): no wake-up per
+        arrival, and nothing else turns the loop in between.
+        """
+        total = 0
+        while True:
+            n = self._batch()
+            total += n
+            if n < MAX_EVENTS:
+                return total
+
+    def _batch(self) -> int:
+        """Poll once without waiting and dispatch what is ready; return the event count."""
+        events = self.epoll.poll(0, MAX_EVENTS)
+        if events:
+            self.batches += 1
+            self.events += len(events)
+            self.dispatch(events)
+            if self.after_batch is not None:
+                self.after_batch()
+        return len(events)
+
     def _run(self) -> None:
         hub = get_hub()
         self._watcher = hub.loop.io(self.epoll.fileno(), 1)
-        poll = self.epoll.poll
         while True:
             hub.wait(self._watcher)
             if self.coalesce:
                 time.sleep(self.coalesce)  # blocking: see the class docstring
-            while True:
-                events = poll(0, MAX_EVENTS)
-                if not events:
-                    break
-                self.batches += 1
-                self.events += len(events)
-                self.dispatch(events)
-                if self.after_batch is not None:
-                    self.after_batch()
-                if len(events) < MAX_EVENTS:
-                    break
+            while self._batch() == MAX_EVENTS:
                 # More is ready now (a full batch). Let the
                 # loop turn once first — timers, the control socket, the other
                 # greenlets. Not gevent.sleep(0): gevent runs up to 50 queued

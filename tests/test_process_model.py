@@ -96,19 +96,78 @@ def test_malformed_control_input_is_logged_and_ignored_and_stop_still_works(tmp_
     assert log.count("ignoring control line") == 5, log
 
 
-@pytest.mark.parametrize("loop", ["reactor", "pacer"])
-def test_a_dead_greenlet_ends_the_worker_with_a_non_zero_code(loop):
+def test_a_dead_pacer_ends_the_worker_with_a_non_zero_code():
     agent = agent_of()
     read_end, write_end = os.pipe()
     worker = Worker(agent.spec(agent.children[0]), control_fd=read_end)
     run = gevent.spawn(worker.run)
     try:
         gevent.sleep(0.3)
-        victim = worker.reactor_greenlet if loop == "reactor" else worker.pacer
-        victim.kill(RuntimeError("injected"), block=False)
+        worker.pacer.kill(RuntimeError("injected"), block=False)
         run.join(timeout=5)
         assert run.dead and run.value == EXIT_DIED
-        assert worker.died.startswith(f"{loop} greenlet died")
+        assert worker.died.startswith("pacer greenlet died")
+    finally:
+        run.kill()
+        os.close(read_end)
+        os.close(write_end)
+
+
+def idle_worker(read_end: int) -> Worker:
+    """A worker of no users at 0/s: nothing to send or connect, so its pacer idles."""
+    spec = {**agent_of().spec(agent_of().children[0]), "begin": 0, "end": 0, "qps": 0,
+            "changes": [(0, 0)]}
+    return Worker(spec, control_fd=read_end)
+
+
+@pytest.mark.parametrize("ticking", [False, True])
+def test_an_event_handler_that_fails_ends_the_worker_idle_or_ticking(ticking):
+    """Idle, the reactor's greenlet reads the events; ticking, the pacer does: either dies."""
+    read_end, write_end = os.pipe()
+    worker = idle_worker(read_end)
+    run = gevent.spawn(worker.run)
+    try:
+        if ticking:
+            os.write(write_end, b'{"qps": 50, "tick": 0}\n')
+        gevent.sleep(0.3)
+        assert worker.reactor.watching is not ticking
+
+        def boom(events):
+            raise RuntimeError("injected")
+
+        worker.reactor.dispatch = boom
+        os.write(write_end, b"{}\n")
+        run.join(timeout=5)
+        assert run.dead and run.value == EXIT_DIED
+        assert worker.died.startswith("pacer" if ticking else "reactor")
+        assert "injected" in worker.died
+    finally:
+        run.kill()
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_a_ticking_worker_reads_at_its_ticks_and_an_idle_one_wakes_on_events():
+    """No wake-up per answer while ticking (the pacer drains the epoll each tick); idle
+    (sleeping up to a second), the reactor's greenlet watches again. Control lines get
+    through in both."""
+    read_end, write_end = os.pipe()
+    worker = idle_worker(read_end)
+    run = gevent.spawn(worker.run)
+    try:
+        gevent.sleep(0.3)
+        assert worker.reactor.watching and worker.qps == 0
+        os.write(write_end, b'{"qps": 50, "tick": 0}\n')  # read by the reactor's greenlet
+        gevent.sleep(0.3)
+        assert worker.qps == 50 and not worker.reactor.watching
+        batches = worker.reactor.batches
+        os.write(write_end, b'{"qps": 0, "tick": 0}\n')  # read by the pacer, at a tick
+        gevent.sleep(0.3)
+        assert worker.qps == 0 and worker.reactor.watching
+        assert worker.reactor.batches > batches
+        os.write(write_end, b'{"stop": true}\n')
+        run.join(timeout=5)
+        assert run.dead and run.value == 0
     finally:
         run.kill()
         os.close(read_end)

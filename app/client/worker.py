@@ -11,13 +11,15 @@ server, source addresses and pacing. The parent talks to it through pipes:
   such an object is logged and ignored. End of file means the parent is
   gone: the worker exits.
 - stdout, one JSON object a line, once per wall-clock second: what was sent
-  (by the second stamped in the frames), answered (by the second they were
-  read in), results by code, the latency histogram, claims, logins,
+  (by the second stamped in the frames), answered (by the second they
+  arrived in), results by code, the latency histogram, claims, logins,
   reconnects and connections now up.
 
-The worker fails loudly: if its reactor greenlet (sockets, control input)
-or its pacer (the tick loop) dies, the process ends with ``EXIT_DIED`` and
-the agent restarts it like a dead SET.
+Two greenlets: the pacer (the tick loop), which also reads the sockets and
+the control input at each tick while it ticks, and the reactor's, which
+wakes on them while the pacer is idle. The worker fails loudly: if either
+dies, the process ends with ``EXIT_DIED`` and the agent restarts it like a
+dead SET.
 
 State (all in this module's ``Worker``): one ``Conn`` record per owned user,
 an fd -> record dict for the reactor, a heap of connection attempts due,
@@ -80,12 +82,14 @@ LOGIN_TIMEOUT = 10.0  # seconds from connect() to LOGIN_RESULT before we give up
 # ~7k/s, i.e. past the login timeout.
 MAX_IN_FLIGHT = 1000
 # Seconds the process sleeps after a batch of answers before polling again
-# (app.reactor): answers from many SETs arriving at different moments are
-# read in one wake-up. Measured at 200k connections, 17 hosts, 11 SETs,
-# 30,000/s: client wake-ups 13,238/s -> 2,613/s, 29.7 -> 21.2 µs a request
-# with 5 ms; at one million 10 ms (and fewer workers, see agent.PER_PROCESS)
-# took the clients' wake-ups from 4,800/s to 2,929/s. Latency is measured
-# after the sleep, so it includes up to this much.
+# (app.reactor), while it wakes on their arrival (not ticking: connecting,
+# idle): answers from many SETs arriving at different moments are read in one
+# wake-up. While it ticks it does not wake on arrivals at all: the pacer reads
+# everything ready at each tick (``Worker.pace``). Measured at 200k connections,
+# 17 hosts, 11 SETs, 30,000/s: 13,238 client wake-ups a second with none, 2,613
+# with 5 ms, ~1,200 with 10 ms; reading at the ticks leaves about one per tick.
+# Latency and the second an answer counts in come from the kernel's receive
+# stamp, so neither includes the wait.
 COALESCE = 0.010
 # A process stops asking once this many seconds of its rate are unanswered
 # (the asks are skipped and counted as busy). Per user one SHAKE is already
@@ -488,6 +492,7 @@ class Worker:
             now = time.time()
             next_tick = (int(now * ticks) + 1) / ticks
             was_idle = self.idle(next_tick)
+            self._watch(was_idle)
             if was_idle:
                 # Nothing to send or connect: wake once a second (for the report)
                 # or on a control message, not 100 times. Measured: 68 idle
@@ -496,6 +501,8 @@ class Worker:
                 self.wake.wait(max(0.0, int(now) + 1 - now))
             else:
                 gevent.sleep(max(0.0, next_tick - now))
+            if not was_idle:
+                self.reactor.drain()  # before the ticks: a report counts what arrived
             now = time.time()
             current = int(now * ticks)
             if not was_idle:  # after an idle sleep, late ticks are by design
@@ -513,12 +520,24 @@ class Worker:
                 self.expired_second = current // ticks
                 self._expire_logins(now)
 
+    def _watch(self, on: bool) -> None:
+        """Wake on socket events (idle: control lines, late answers), or not (ticking).
+
+        While the pacer ticks it reads whatever is ready at each tick
+        (``Reactor.drain``): one wake-up a tick instead of one per burst of
+        answers. Idle, it sleeps up to a second, so the reactor's greenlet
+        watches the sockets and the control pipe again.
+        """
+        if on and not self.reactor.watching:
+            self.reactor.start().link_exception(self._greenlet_died)
+        elif not on and self.reactor.watching:
+            self.reactor.stop()
+
     def run(self) -> int:
         """Serve until told to stop (0) or until one of our greenlets dies (``EXIT_DIED``)."""
         os.set_blocking(self.stdin, False)
         self.reactor.register(self.stdin, READ)
-        self.reactor_greenlet = self.reactor.start()
-        self.reactor_greenlet.link_exception(self._greenlet_died)
+        self._watch(True)
         self.pacer = pacer = gevent.spawn(self.pace)
         pacer.name = "pacer"
         pacer.link_exception(self._greenlet_died)
