@@ -83,6 +83,8 @@ def test_server_counts_equal_the_sum_of_the_shares_every_second(start_server, ag
         sent = {t: rows[t]["sent"] for t in range(at, end)}
         assert set(sent.values()) == {share(total, hosts, k)}, sent
         assert all(rows[t]["skipped"] == 0 for t in range(at, end))
+        # each second says how late its latest pacer woke (a late send arrives late)
+        assert all(0 <= rows[t]["lag_ms"] < 1000 for t in range(at, end)), rows
     # every user in each host's range asked within n/q seconds, all equally often
     now = int(time.time())
     for k, cov in enumerate(coverage):

@@ -59,6 +59,10 @@ def test_bounded_scale_run(tmp_path):
     assert [r["server_scheduled"] for r in steady] == [QPS] * len(steady)
     assert [r["client_sent"] for r in steady] == [QPS] * len(steady)
     assert result["errors"].get("client.lost", 0) == 0
+    # how late the clients' pacers sent, per second and at worst per phase
+    assert phase["client_lag_max_ms"] == max(r["client_lag_ms"] for r in seconds
+                                             if r["target_qps"] == QPS)
+    assert "cli lag" in done.stdout
     assert "table" not in result and "bytes_per_connection" in result
 
 

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 T = 1_795_000_000
 KEYS = {"t", "target_qps", "server_served", "client_served", "server_arrived",
         "server_by_result", "client_answered", "client_sent", "server_scheduled",
-        "client_skipped", "connections", "client_connections", "loop_lag_ms", "gc_pause_ms",
+        "client_skipped", "connections", "client_connections", "loop_lag_ms", "client_lag_ms",
+        "gc_pause_ms",
         "net", "server_cpu_seconds", "client_cpu_seconds", "server_rss_bytes",
         "client_rss_bytes", "envelopes_generated", "envelopes_granted", "group_claimed",
         "amount_generated", "amount_granted", "latency_p50_ms", "latency_p99_ms"}
@@ -42,9 +43,9 @@ def fake_run(served: list[int], target: int = 1000, latency_us: int = 40_000,
     scheduled = scheduled if scheduled is not None else [target] * len(served)
     hosts = [{"per_second": [
         {"second": t, "target": target // 2, "sent": target // 2, "answered": n // 2,
-         "results": {"15": n // 2}, "connections": 50,
+         "results": {"15": n // 2}, "connections": 50, "lag_ms": 10.0 * (h + 1) + i,
          "hist": {str(bucket(latency_us)): target // 2}}
-        for t, n in zip(seconds, served, strict=True)]} for _ in range(2)]
+        for i, (t, n) in enumerate(zip(seconds, served, strict=True))]} for h in range(2)]
     server = {
         "per_second": [{"second": t, "shakes": n, "by_result": {"15": n}}
                        for t, n in zip(seconds, scheduled, strict=True)],
@@ -73,6 +74,7 @@ def test_records_count_what_was_served_and_what_was_scheduled_apart():
     assert [r["server_scheduled"] for r in rows] == [1000, 1000, 990]
     assert rows[0]["client_sent"] == 1000 and rows[0]["target_qps"] == 1000
     assert [r["loop_lag_ms"] for r in rows] == [1.5, 2.5, 3.5]
+    assert [r["client_lag_ms"] for r in rows] == [20.0, 21.0, 22.0]  # the latest host's
     assert [r["gc_pause_ms"] for r in rows] == [0.0, 0.25, 0.5]
     # counters 1000 packets apart over 1.01 s; the last second has no next snapshot
     assert rows[0]["net"] == {"box": {"packets_in": 990.1, "packets_out": 990.1,

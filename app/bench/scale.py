@@ -384,6 +384,10 @@ class ScaleRun:
                 health = [h for h in server.get("health_per_second", [])
                           if phase.start <= h["second"] < phase.end]
                 row["loop_lag_max_ms"] = max((h["loop_lag_ms"] for h in health), default=None)
+                # a request its client sent late also arrives late: tell the two apart
+                row["client_lag_max_ms"] = max(
+                    (r["client_lag_ms"] for r in seconds if phase.start <= r["t"] < phase.end
+                     and r.get("client_lag_ms") is not None), default=None)
                 row["gc_pause_max_ms"] = max((h["gc_pause_ms"] for h in health), default=None)
                 rows.append(row)
         counters = server.get("counters", {})
@@ -575,11 +579,12 @@ def print_table(result: dict[str, Any]) -> str:
         f"{f.get('gc_pause_max_ms', '-')} ms (server SETs, last 300 s; per phase below)", ""]
     head = ("phase", "target", "served/s", "srv±2%", "cli±2%", "p50", "p99", "p999",
             "srv µs/req", "cli µs/req", "srv CPU%", "cli CPU%", "box CPU%", "srv wk/s",
-            "cli wk/s", "lag ms", "GC ms")
+            "cli wk/s", "lag ms", "cli lag", "GC ms")
     fmt = ("{:<6}{:>8}{:>10}{:>8}{:>8}{:>8}{:>8}{:>8}{:>11}{:>11}{:>9}{:>9}{:>9}{:>9}{:>9}"
-           "{:>8}{:>7}")
+           "{:>8}{:>8}{:>7}")
     lines.append("by arrival at the server and answer at the clients; µs/req and wake-ups "
-                 "(voluntary context switches) over the phase's steady seconds")
+                 "(voluntary context switches) over the phase's steady seconds; lag: the "
+                 "SETs' worst loop lag, cli lag: the latest client pacer (sends that late)")
     lines.append(fmt.format(*head))
 
     def pct(x: float | None) -> str:
@@ -596,7 +601,7 @@ def print_table(result: dict[str, Any]) -> str:
             r.get("client_cpu_us_per_request", "-"), r.get("server_cpu_percent", "-"),
             r.get("client_cpu_percent", "-"), r.get("machine_cpu_percent", "-"),
             r.get("server_wakeups_per_s", "-"), r.get("client_wakeups_per_s", "-"),
-            r.get("loop_lag_max_ms", "-"),
+            r.get("loop_lag_max_ms", "-"), r.get("client_lag_max_ms", "-"),
             r.get("gc_pause_max_ms", "-")))
     ramp = f.get("ramp")
     if ramp:

@@ -89,6 +89,7 @@ class Second:
         self.results: dict[str, int] = {}
         self.hist = Histogram()
         self.connections = 0
+        self.lag_ms = 0.0  # the latest worker's tick lag (its pacer woke that late)
         self.reported: set[int] = set()
         self.entry: dict[str, Any] = {}  # its record in the agent's history, once finished
 
@@ -99,6 +100,7 @@ class Second:
             self.results[code] = self.results.get(code, 0) + n
         self.hist.merge(record.get("hist", {}))
         self.connections += record.get("connections", 0)
+        self.lag_ms = max(self.lag_ms, record.get("lag_ms", 0.0))
         self.reported.add(record["p"])
 
 
@@ -257,7 +259,8 @@ class Agent(Arbiter[Child]):
         latency = sec.hist.summary((50, 99))
         return {"second": sec.t, "target": self.target(sec.t), "connections": sec.connections,
                 "results": sec.results, "latency_p50_ms": latency["p50"],
-                "latency_p99_ms": latency["p99"], "hist": sec.hist.to_json(), **sec.counts}
+                "latency_p99_ms": latency["p99"], "lag_ms": sec.lag_ms, "hist": sec.hist.to_json(),
+                **sec.counts}
 
     def finish(self, sec: Second) -> None:
         sec.entry = self.entry(sec)

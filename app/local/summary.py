@@ -124,6 +124,8 @@ def build_seconds(server: dict[str, Any], clients: list[dict[str, Any]],
             "connections": snap.get("connections", sum(r["connections"] for r in rows)),
             "client_connections": sum(r["connections"] for r in rows),
             "loop_lag_ms": health.get(t, {}).get("loop_lag_ms"),
+            # the latest client pacer that second: requests sent late arrive late
+            "client_lag_ms": max((r.get("lag_ms", 0.0) for r in rows), default=None),
             "gc_pause_ms": health.get(t, {}).get("gc_pause_ms"),
             "net": net_rates(polled, t),
             "server_cpu_seconds": snap.get("server_cpu_seconds"),
