@@ -262,3 +262,38 @@ def test_a_late_report_counts_answers_by_the_second_they_were_read_in(capsys):
         worker.reactor.close()
         os.close(worker.stdin)
     assert [(r["t"], r["answered"]) for r in records] == [(n, 40), (n + 1, 12), (n + 3, 5)]
+
+
+def test_a_tick_sent_after_its_second_ended_is_counted_as_sent_late(capsys):
+    """What a late pacer sends cannot arrive within its second: the report says how much."""
+    import socket
+
+    from app.client.worker import READY
+    from app.protocol import ClientSession, Phase
+
+    spec = {**agent_of().spec(agent_of().children[0]), "qps": 3, "changes": [(0, 3)]}
+    worker = Worker(spec, control_fd=os.open(os.devnull, os.O_RDONLY))
+    pairs = [socket.socketpair() for _ in worker.conns]
+    try:
+        for conn, (ours, _) in zip(worker.conns, pairs, strict=True):
+            conn.fd, conn.state = ours.fileno(), READY
+            conn.session = ClientSession(conn.userid)
+            conn.session.phase = Phase.OPEN
+        ticks, second = worker.ticks, int(time.time()) - 10
+        for k in range(ticks):  # a second whose ticks all ran after it had ended
+            worker.run_tick(second * ticks + k, second + 1.2)
+        assert worker.sent == worker.sent_late == {second: 3}
+        for conn in worker.conns:
+            conn.sent_at = 0.0  # answered
+        capsys.readouterr()
+        for k in range(ticks):  # the next one on time (its first tick reports the last)
+            worker.run_tick((second + 1) * ticks + k, second + 1.5)
+        report = json.loads(capsys.readouterr().out.splitlines()[-1])
+        assert (report["t"], report["sent"], report["sent_late"]) == (second, 3, 3)
+        assert worker.sent == {second + 1: 3} and worker.sent_late == {}
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+        worker.reactor.close()
+        os.close(worker.stdin)

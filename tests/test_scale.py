@@ -63,6 +63,9 @@ def test_bounded_scale_run(tmp_path):
     assert phase["client_lag_max_ms"] == max(r["client_lag_ms"] for r in seconds
                                              if r["target_qps"] == QPS)
     assert "cli lag" in done.stdout
+    assert phase["sent_late"] == sum(r["client_sent_late"] for r in steady)
+    assert f"only after their second had ended (their pacer that late; no server serves " \
+           f"those within it): {QPS // 1000}k {phase['sent_late']:,}" in done.stdout
     assert "table" not in result and "bytes_per_connection" in result
 
 

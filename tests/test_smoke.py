@@ -23,27 +23,30 @@ from app.local.summary import (
 ROOT = Path(__file__).resolve().parent.parent
 T = 1_795_000_000
 KEYS = {"t", "target_qps", "server_served", "client_served", "server_arrived",
-        "server_by_result", "client_answered", "client_sent", "server_scheduled",
-        "client_skipped", "connections", "client_connections", "loop_lag_ms", "client_lag_ms",
-        "gc_pause_ms",
-        "net", "server_cpu_seconds", "client_cpu_seconds", "server_rss_bytes",
-        "client_rss_bytes", "envelopes_generated", "envelopes_granted", "group_claimed",
-        "amount_generated", "amount_granted", "latency_p50_ms", "latency_p99_ms"}
+        "server_by_result", "client_answered", "client_sent", "client_sent_late",
+        "server_scheduled", "client_skipped", "connections", "client_connections",
+        "loop_lag_ms", "client_lag_ms", "gc_pause_ms", "net", "server_cpu_seconds",
+        "client_cpu_seconds", "server_rss_bytes", "client_rss_bytes", "envelopes_generated",
+        "envelopes_granted", "group_claimed", "amount_generated", "amount_granted",
+        "latency_p50_ms", "latency_p99_ms"}
 
 
 def fake_run(served: list[int], target: int = 1000, latency_us: int = 40_000,
-             scheduled: list[int] | None = None):
+             scheduled: list[int] | None = None, sent_late: list[int] | None = None):
     """Two hosts asked for target/2 each for len(served) seconds from T.
 
     ``served``: what the server answered (with 15) in each second by arrival, and
     the clients got answered in it; ``scheduled``: what the server counted by the
-    frames' stamp (default: all the clients sent).
+    frames' stamp (default: all the clients sent); ``sent_late``: what each host sent
+    only after its second had ended (default: none).
     """
     seconds = range(T, T + len(served))
+    late = sent_late or [0] * len(served)
     scheduled = scheduled if scheduled is not None else [target] * len(served)
     hosts = [{"per_second": [
         {"second": t, "target": target // 2, "sent": target // 2, "answered": n // 2,
          "results": {"15": n // 2}, "connections": 50, "lag_ms": 10.0 * (h + 1) + i,
+         "sent_late": late[i],
          "hist": {str(bucket(latency_us)): target // 2}}
         for i, (t, n) in enumerate(zip(seconds, served, strict=True))]} for h in range(2)]
     server = {
@@ -104,6 +107,13 @@ def test_a_phase_passes_only_with_95_percent_of_steady_seconds_served_within_2_p
         "mean 996/s, -0.4%)",
         "p: the clients got answered 1,000/s ±2% in 90% of 20 steady seconds (needs 95%; "
         "mean 996/s, -0.4%)"]
+    # the same seconds when the clients sent some requests only after their second
+    blamed = phase_summary(Phase("p", 1000, T, T + 21),
+                           fake_run([1000] * 19 + [900, 1022], sent_late=[0] * 19 + [50, 0]))
+    assert blamed["sent_late"] == 100  # 50 from each of the two hosts
+    assert blamed["reasons"][0] == (
+        "p: the server served 1,000/s ±2% in 90% of 20 steady seconds (needs 95%; "
+        "mean 996/s, -0.4%; the clients sent 100 of them only after their second had ended)")
     first = phase_summary(Phase("p", 1000, T, T + 3), fake_run([500, 980, 1020]))
     assert first["server_within"] == 1.0  # ±2% inclusive; the first second does not count
 

@@ -603,6 +603,10 @@ def print_table(result: dict[str, Any]) -> str:
             r.get("server_wakeups_per_s", "-"), r.get("client_wakeups_per_s", "-"),
             r.get("loop_lag_max_ms", "-"), r.get("client_lag_max_ms", "-"),
             r.get("gc_pause_max_ms", "-")))
+    late = [f"{r['phase']} {r.get('sent_late', 0):,}" for r in f.get("phases", [])]
+    if late:
+        lines.append("sent by the clients only after their second had ended (their pacer "
+                     "that late; no server serves those within it): " + ", ".join(late))
     ramp = f.get("ramp")
     if ramp:
         lines.append(f"ramp (+{ramp['step']}/s a step, a failing step tried "

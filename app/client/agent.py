@@ -65,7 +65,7 @@ CLOCK_INTERVAL = 10.0  # seconds between clock-offset measurements
 STOP_TIMEOUT = 3.0  # seconds a worker has to exit after "stop" before it is killed
 COUNTERS = ("sent", "skipped", "answered", "claims_sent", "claims_granted", "claim_amount",
             "shake_amount", "logins", "reconnects", "connects", "connect_failures", "lost",
-            "errors", "ticks_skipped", "busy")
+            "errors", "ticks_skipped", "busy", "sent_late")
 
 
 class Child(Slot):

@@ -185,6 +185,9 @@ class Worker:
     # --- per-second counters -------------------------------------------------
     def _reset_counters(self) -> None:
         self.sent: dict[int, int] = {}  # by stamped second
+        # sent only once their second had ended (a pacer that late): they cannot
+        # arrive within it, so the server's count for it falls short by them
+        self.sent_late: dict[int, int] = {}
         self.skipped: dict[int, int] = {}  # asked while that user's connection was down, or
         # while its previous SHAKE was still unanswered (closed loop: those also in busy)
         self.busy = 0
@@ -207,6 +210,7 @@ class Worker:
         """Write second ``second``'s record to the parent and start the next."""
         record = {
             "p": self.index, "t": second, "sent": self.sent.pop(second, 0),
+            "sent_late": self.sent_late.pop(second, 0),
             "skipped": self.skipped.pop(second, 0), "answered": self._answered_until(second),
             "results": {str(k): v for k, v in self.results.items()},
             "hist": self.hist.to_json(), "claims_sent": self.claims_sent,
@@ -218,9 +222,9 @@ class Worker:
             "busy": self.busy,
             "qps": self.qps, "lag_ms": round(self.lag * 1000, 3),
         }
-        sent, skipped = self.sent, self.skipped
+        sent, skipped, late = self.sent, self.skipped, self.sent_late
         self._reset_counters()
-        self.sent, self.skipped = sent, skipped  # later seconds already counted stay
+        self.sent, self.skipped, self.sent_late = sent, skipped, late  # later seconds stay
         sys.stdout.write(json.dumps(record, separators=(",", ":")) + "\n")
         sys.stdout.flush()
 
@@ -474,6 +478,8 @@ class Worker:
         self.outstanding = outstanding
         if sent:
             self.sent[second] = self.sent.get(second, 0) + sent
+            if now >= second + 1:
+                self.sent_late[second] = self.sent_late.get(second, 0) + sent
         if skipped or busy:
             self.skipped[second] = self.skipped.get(second, 0) + skipped + busy
             self.busy += busy

@@ -119,6 +119,8 @@ def build_seconds(server: dict[str, Any], clients: list[dict[str, Any]],
             "client_answered": sum(r["answered"] for r in rows),
             # scheduled in this second: sent by the clients, counted by the frames' stamp
             "client_sent": sum(r["sent"] for r in rows),
+            # ... of which sent only after this second had ended (a late client pacer)
+            "client_sent_late": sum(r.get("sent_late", 0) for r in rows),
             "server_scheduled": scheduled.get(t, 0),
             "client_skipped": sum(r.get("skipped", 0) for r in rows),
             "connections": snap.get("connections", sum(r["connections"] for r in rows)),
@@ -191,6 +193,7 @@ def phase_summary(phase: Phase, seconds: list[dict[str, Any]]) -> dict[str, Any]
         "scheduled_qps": _mean(steady, "client_sent"), "scheduled_within": None,
         "scheduled_sent": sum(r.get("client_sent", 0) for r in rows),
         "scheduled_counted": sum(r.get("server_scheduled", 0) for r in rows),
+        "sent_late": sum(r.get("client_sent_late", 0) for r in steady),
         "latency_p50_ms": hist.percentile(50), "latency_p99_ms": hist.percentile(99),
         "generated": last.get("envelopes_generated", 0) - first.get("envelopes_generated", 0),
         "granted": last.get("envelopes_granted", 0) - first.get("envelopes_granted", 0),
@@ -230,6 +233,10 @@ def phase_reasons(row: dict[str, Any]) -> list[str]:
     if not row["steady_seconds"]:
         return [f"{name}: no steady seconds recorded"]
     reasons = []
+    late = row.get("sent_late", 0)
+    # requests the clients sent after their second: no server serves them within it
+    blame = (f"; the clients sent {late:,} of them only after their second had ended"
+             if late else "")
     for key, who in (("server_within", "the server served"),
                      ("client_within", "the clients got answered")):
         share = row[key]
@@ -237,7 +244,7 @@ def phase_reasons(row: dict[str, Any]) -> list[str]:
             qps = row["server_qps" if key == "server_within" else "client_qps"]
             reasons.append(f"{name}: {who} {target:,}/s ±{TOLERANCE:.0%} in {share:.0%} of "
                            f"{row['steady_seconds']} steady seconds (needs {REQUIRED:.0%}; "
-                           f"mean {qps:,.0f}/s, {qps / target - 1:+.1%})")
+                           f"mean {qps:,.0f}/s, {qps / target - 1:+.1%}{blame})")
     p99 = row["latency_p99_ms"]
     if p99 is None or p99 >= P99_LIMIT_MS:
         shown = "none" if p99 is None else f"{p99:,.1f} ms"
