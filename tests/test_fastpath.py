@@ -15,6 +15,7 @@ import os
 import select
 import socket
 import struct
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -319,8 +320,6 @@ def test_read_answers_counts_lone_results_and_passes_the_rest_on(sockets):
 def test_read_answers_measures_from_the_kernels_arrival_stamp_not_the_read():
     """A worker that reads late (no CPU on a shared box) still measures the server:
     latency and the answer's second come from the socket's SO_TIMESTAMPNS stamp."""
-    import time
-
     from app.client.histogram import bucket
     from app.reactor import SO_TIMESTAMPNS
 
@@ -331,6 +330,7 @@ def test_read_answers_measures_from_the_kernels_arrival_stamp_not_the_read():
         server, _ = listener.accept()
         try:
             reader.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            wait_until_the_kernel_stamps()
             reader.setblocking(False)
             conn = ClientConn(1, 101)
             conn.fd, conn.state = reader.fileno(), READY
@@ -354,6 +354,30 @@ def test_read_answers_measures_from_the_kernels_arrival_stamp_not_the_read():
             for s in (reader, server, listener):
                 s.close()
     assert len(outcomes) == 2
+
+
+def wait_until_the_kernel_stamps(timeout: float = 5.0) -> None:
+    """Linux turns receive stamps on machine-wide only once a socket asks, and when none
+    had, it does so from a deferred work item: a TCP segment that arrives before that
+    carries no stamp at all. Exchange bytes on a stamped pair of our own until one has."""
+    from app.reactor import SO_TIMESTAMPNS, STAMP_SPACE
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    reader = socket.create_connection(listener.getsockname())
+    writer, _ = listener.accept()
+    try:
+        reader.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            writer.send(b"x")
+            _, ancillary, _, _ = reader.recvmsg(16, STAMP_SPACE)
+            if ancillary:
+                return
+            time.sleep(0.01)
+        raise AssertionError("the kernel never stamped a received segment")
+    finally:
+        for s in (reader, writer, listener):
+            s.close()
 
 
 def test_the_worker_and_the_set_run_the_compiled_path_when_it_is_built():
