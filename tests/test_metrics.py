@@ -143,6 +143,37 @@ def test_gc_pause_is_measured_and_reset():
     assert watch.gc not in gc.callbacks
 
 
+def test_a_gc_pause_keeps_the_collectors_own_cpu_apart_from_the_wall_time():
+    """On a busy box a collection can wait for a CPU; its wall time is the pause the
+    loop saw, its CPU time what the collector cost."""
+    pauses = sysmetrics.GCPauses()
+    pauses("start", {})
+    time.sleep(0.05)  # descheduled: wall time, no CPU
+    pauses("stop", {})
+    wall = pauses.take()
+    assert wall >= 50 and pauses.last_cpu_ms < 10
+    gc.callbacks.append(pauses)
+    try:
+        junk = [[i] for i in range(300_000)]
+        gc.collect()
+        del junk
+    finally:
+        gc.callbacks.remove(pauses)
+    wall = pauses.take()
+    assert 0 < pauses.last_cpu_ms <= wall + 1  # a full collection of 300k containers
+    pauses.take()
+    assert pauses.last_cpu_ms == 0.0  # reset with the window
+
+
+def test_the_server_merges_each_seconds_worst_loop_lag_and_gc_of_any_set():
+    from app.server.main import merge_health
+
+    merged = merge_health([{"7": (1.0, 2.0, 0.5), "8": (4.0, 0.0, 0.0)},
+                           {"7": (3.0, 1.0, 0.75)}])
+    assert merged == [{"second": 7, "loop_lag_ms": 3.0, "gc_pause_ms": 2.0, "gc_cpu_ms": 0.75},
+                      {"second": 8, "loop_lag_ms": 4.0, "gc_pause_ms": 0.0, "gc_cpu_ms": 0.0}]
+
+
 def test_loop_lag_sees_a_greenlet_that_does_not_yield():
     m = Metrics("hongbao.client.h1", None)
     watch = sysmetrics.start(m, "p0.", gc=False)

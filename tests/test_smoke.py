@@ -25,7 +25,7 @@ T = 1_795_000_000
 KEYS = {"t", "target_qps", "server_served", "client_served", "server_arrived",
         "server_by_result", "client_answered", "client_sent", "client_sent_late",
         "server_scheduled", "client_skipped", "connections", "client_connections",
-        "loop_lag_ms", "client_lag_ms", "gc_pause_ms", "net", "server_cpu_seconds",
+        "loop_lag_ms", "client_lag_ms", "gc_pause_ms", "gc_cpu_ms", "net", "server_cpu_seconds",
         "client_cpu_seconds", "server_rss_bytes", "client_rss_bytes", "envelopes_generated",
         "envelopes_granted", "group_claimed", "amount_generated", "amount_granted",
         "latency_p50_ms", "latency_p99_ms"}
@@ -54,7 +54,8 @@ def fake_run(served: list[int], target: int = 1000, latency_us: int = 40_000,
                        for t, n in zip(seconds, scheduled, strict=True)],
         "per_second_arrival": [{"second": t, "shakes": n + 7, "by_result": {"15": n, "17": 7}}
                                for t, n in zip(seconds, served, strict=True)],
-        "health_per_second": [{"second": t, "loop_lag_ms": 1.5 + i, "gc_pause_ms": 0.25 * i}
+        "health_per_second": [{"second": t, "loop_lag_ms": 1.5 + i, "gc_pause_ms": 0.25 * i,
+                               "gc_cpu_ms": 0.125 * i}
                               for i, t in enumerate(seconds)],
     }
     polled = {t: {"connections": 100, "time": t + 0.3 + 0.01 * i,
@@ -79,6 +80,7 @@ def test_records_count_what_was_served_and_what_was_scheduled_apart():
     assert [r["loop_lag_ms"] for r in rows] == [1.5, 2.5, 3.5]
     assert [r["client_lag_ms"] for r in rows] == [20.0, 21.0, 22.0]  # the latest host's
     assert [r["gc_pause_ms"] for r in rows] == [0.0, 0.25, 0.5]
+    assert [r["gc_cpu_ms"] for r in rows] == [0.0, 0.125, 0.25]
     # counters 1000 packets apart over 1.01 s; the last second has no next snapshot
     assert rows[0]["net"] == {"box": {"packets_in": 990.1, "packets_out": 990.1,
                                       "bytes_in": 79207.9, "bytes_out": 79207.9}}

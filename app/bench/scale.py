@@ -410,6 +410,7 @@ class ScaleRun:
             "group": server.get("group", {}),
             "loop_lag_max_ms": server.get("loop_lag_max_ms"),
             "gc_pause_max_ms": server.get("gc_pause_max_ms"),
+            "gc_cpu_max_ms": server.get("gc_cpu_max_ms"),
             "errors": errors,
             "sets": server.get("sets"),
             # SETs that answered the final /stats: fewer means the figures miss some
@@ -576,7 +577,8 @@ def print_table(result: dict[str, Any]) -> str:
            f"wake-ups/s server {idle['server_wakeups_per_s']}, clients "
            f"{idle['client_wakeups_per_s']}"] if (idle := f.get("idle")) else []),
         f"worst loop lag / GC pause {f.get('loop_lag_max_ms', '-')} ms / "
-        f"{f.get('gc_pause_max_ms', '-')} ms (server SETs, last 300 s; per phase below)", ""]
+        f"{f.get('gc_pause_max_ms', '-')} ms, of it the collector's own CPU "
+        f"{f.get('gc_cpu_max_ms', '-')} ms (server SETs, last 300 s; per phase below)", ""]
     head = ("phase", "target", "served/s", "srv±2%", "cli±2%", "p50", "p99", "p999",
             "srv µs/req", "cli µs/req", "srv CPU%", "cli CPU%", "box CPU%", "srv wk/s",
             "cli wk/s", "lag ms", "cli lag", "GC ms")

@@ -129,6 +129,7 @@ def build_seconds(server: dict[str, Any], clients: list[dict[str, Any]],
             # the latest client pacer that second: requests sent late arrive late
             "client_lag_ms": max((r.get("lag_ms", 0.0) for r in rows), default=None),
             "gc_pause_ms": health.get(t, {}).get("gc_pause_ms"),
+            "gc_cpu_ms": health.get(t, {}).get("gc_cpu_ms"),  # the collector's own CPU
             "net": net_rates(polled, t),
             "server_cpu_seconds": snap.get("server_cpu_seconds"),
             "client_cpu_seconds": snap.get("client_cpu_seconds"),

@@ -51,13 +51,14 @@ def merge_seconds(tables: list[dict[str, list[int]]], last: int, until: int) -> 
 
 
 def merge_health(tables: list[dict[str, list[float]]]) -> list[dict]:
-    """Worst loop lag and GC pause of any SET, per second."""
+    """Worst loop lag, GC pause and GC CPU time of any SET, per second."""
     worst: dict[int, list[float]] = {}
     for table in tables:
-        for second, (lag, pause) in table.items():
-            acc = worst.setdefault(int(second), [0.0, 0.0])
-            acc[0], acc[1] = max(acc[0], lag), max(acc[1], pause)
-    return [{"second": s, "loop_lag_ms": v[0], "gc_pause_ms": v[1]}
+        for second, values in table.items():
+            acc = worst.setdefault(int(second), [0.0, 0.0, 0.0])
+            for i, value in enumerate(values[:3]):
+                acc[i] = max(acc[i], value)
+    return [{"second": s, "loop_lag_ms": v[0], "gc_pause_ms": v[1], "gc_cpu_ms": v[2]}
             for s, v in sorted(worst.items())]
 
 
@@ -139,6 +140,7 @@ def build_api(sup: Supervisor) -> Api:
             "health_per_second": health,
             "loop_lag_max_ms": max((h["loop_lag_ms"] for h in health), default=0.0),
             "gc_pause_max_ms": max((h["gc_pause_ms"] for h in health), default=0.0),
+            "gc_cpu_max_ms": max((h["gc_cpu_ms"] for h in health), default=0.0),
             "per_set": per_set,
         }
 

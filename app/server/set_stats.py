@@ -26,7 +26,8 @@ class SetStats:
         self.counters: dict[str, int] = {}
         self.by_sent: dict[int, list[int]] = {}
         self.by_arrival: dict[int, list[int]] = {}
-        self.health_by_second: dict[int, tuple[float, float]] = {}  # (loop lag, GC pause) ms
+        # (loop lag, GC pause, the GC's own CPU) ms
+        self.health_by_second: dict[int, tuple[float, float, float]] = {}
         self.shake_totals = [0, 0, 0, 0]  # by code index, since start (to statsd as deltas)
         self._shake_flushed = [0, 0, 0, 0]
 
@@ -59,7 +60,8 @@ class SetStats:
             for i in range(4):
                 have[i] += row[i]
 
-    def end_second(self, now: float, metrics: Metrics, lag: float, pause: float) -> None:
+    def end_second(self, now: float, metrics: Metrics, lag: float, pause: float,
+                   pause_cpu: float = 0.0) -> None:
         """Once a second: drop old rows, send shake deltas, record loop health."""
         horizon = int(now) - SECONDS_KEPT
         for table in (self.by_sent, self.by_arrival, self.health_by_second):
@@ -68,7 +70,7 @@ class SetStats:
         for i, name in enumerate(SHAKE_METRIC):
             metrics.incr(name, self.shake_totals[i] - self._shake_flushed[i])
         self._shake_flushed = list(self.shake_totals)
-        self.health_by_second[int(now) - 1] = (lag, pause)
+        self.health_by_second[int(now) - 1] = (lag, pause, pause_cpu)
 
     def tables(self, since: int = 0) -> dict:
         """The per-second tables from second ``since`` on (all kept seconds for 0)."""

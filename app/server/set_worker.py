@@ -353,7 +353,8 @@ class SetWorker:
             self.service.expire(now)
             self.commit()
             lag, pause = round(self.loop_lag.take(), 3), round(self.gc_pauses.take(), 3)
-            self.stats.end_second(now, self.metrics, lag, pause)
+            self.stats.end_second(now, self.metrics, lag, pause,
+                                  round(self.gc_pauses.last_cpu_ms, 3))
             k = self.set_id
             self.metrics.gauge(f"set.{k}.connections", len(self.transport.users))
             self.metrics.gauge(f"set.{k}.loop_lag_ms", lag)
