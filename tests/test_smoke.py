@@ -153,6 +153,7 @@ def test_phase_resources_come_from_the_records():
     assert row["server_bytes_per_connection"] == 20_000
     assert row["client_bytes_per_connection"] == 50_000
     assert (row["loop_lag_max_ms"], row["gc_pause_max_ms"]) == (5.5, 1.0)
+    assert row["client_lag_max_ms"] == 24.0  # host 1's lag in the phase's last second
 
 
 def test_ledger_check_wants_the_equation_in_count_and_amount():

@@ -384,10 +384,6 @@ class ScaleRun:
                 health = [h for h in server.get("health_per_second", [])
                           if phase.start <= h["second"] < phase.end]
                 row["loop_lag_max_ms"] = max((h["loop_lag_ms"] for h in health), default=None)
-                # a request its client sent late also arrives late: tell the two apart
-                row["client_lag_max_ms"] = max(
-                    (r["client_lag_ms"] for r in seconds if phase.start <= r["t"] < phase.end
-                     and r.get("client_lag_ms") is not None), default=None)
                 row["gc_pause_max_ms"] = max((h["gc_pause_ms"] for h in health), default=None)
                 rows.append(row)
         counters = server.get("counters", {})

@@ -205,6 +205,9 @@ def phase_summary(phase: Phase, seconds: list[dict[str, Any]]) -> dict[str, Any]
         "client_bytes_per_connection": _per_connection(rows, "client_rss_bytes"),
         "loop_lag_max_ms": max((r["loop_lag_ms"] for r in rows
                                 if r.get("loop_lag_ms") is not None), default=None),
+        # a request its client sent late also arrives late: tell the two apart
+        "client_lag_max_ms": max((r["client_lag_ms"] for r in rows
+                                  if r.get("client_lag_ms") is not None), default=None),
         "gc_pause_max_ms": max((r["gc_pause_ms"] for r in rows
                                 if r.get("gc_pause_ms") is not None), default=None),
         "passed": True, "reasons": [],

@@ -73,7 +73,8 @@ class GCPauses:
                 self.worst_cpu = cpu
 
     def take(self) -> float:
-        """Worst pause in ms since the last call (its CPU in ``last_cpu_ms``); resets."""
+        """Worst pause in ms since the last call; resets. The most CPU one collection
+        of that window took goes to ``last_cpu_ms``."""
         worst, self.worst, self.total, self.collections = self.worst, 0.0, 0.0, 0
         self.last_cpu_ms, self.worst_cpu = self.worst_cpu * 1000.0, 0.0
         return worst * 1000.0

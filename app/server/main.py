@@ -56,7 +56,7 @@ def merge_health(tables: list[dict[str, list[float]]]) -> list[dict]:
     for table in tables:
         for second, values in table.items():
             acc = worst.setdefault(int(second), [0.0, 0.0, 0.0])
-            for i, value in enumerate(values[:3]):
+            for i, value in enumerate(values):
                 acc[i] = max(acc[i], value)
     return [{"second": s, "loop_lag_ms": v[0], "gc_pause_ms": v[1], "gc_cpu_ms": v[2]}
             for s, v in sorted(worst.items())]

@@ -61,7 +61,7 @@ class SetStats:
                 have[i] += row[i]
 
     def end_second(self, now: float, metrics: Metrics, lag: float, pause: float,
-                   pause_cpu: float = 0.0) -> None:
+                   pause_cpu: float) -> None:
         """Once a second: drop old rows, send shake deltas, record loop health."""
         horizon = int(now) - SECONDS_KEPT
         for table in (self.by_sent, self.by_arrival, self.health_by_second):
