@@ -281,6 +281,7 @@ def test_read_answers_counts_lone_results_and_passes_the_rest_on(sockets):
             "one": (RESULT.pack(28, 3, SECOND, 1, 14, 9, 300), 7.0),
             "two": (RESULT.pack(28, 3, SECOND, 2, 15, 0, 0) * 2, 7.0),
             "unasked": (RESULT.pack(28, 3, SECOND, 3, 15, 0, 0), 0.0),
+            "over": (RESULT.pack(28, 3, SECOND, 4, 17, 0, 0), 0.0),  # answered, not served
             "push": (p.encode(p.EnvelopePush(5, 10, (1, 2, 3), SECOND)), 7.0),
             "half": (RESULT.pack(28, 3, SECOND, 1, 14, 9, 300)[:20], 7.0),
             "closed": (None, 7.0),
@@ -300,20 +301,20 @@ def test_read_answers_counts_lone_results_and_passes_the_rest_on(sockets):
         by_fd[queued.fd] = queued
         names[id(queued)] = "queued"
         events.append((queued.fd, IN))
-        hist, results, by_second = Histogram(), {}, {}
+        hist, results, by_second, served = Histogram(), {}, {}, {}
         rest, got, *counts = impl.read_answers(events, by_fd, 4096, 7.25, hist, results,
-                                               by_second)
+                                               by_second, served)
         outcomes.append(([names[id(by_fd[fd])] for fd, _ in rest],
                          sorted((names[id(c)], d) for c, d in got), counts, hist.counts,
-                         hist.total, results, by_second,
+                         hist.total, results, by_second, served,
                          {names[id(c)]: c.sent_at for c in by_fd.values()}))
     assert outcomes[0] == outcomes[1]
-    rest, got, counts, hist_counts, total, results, by_second, sent_at = outcomes[0]
+    rest, got, counts, hist_counts, total, results, by_second, served, sent_at = outcomes[0]
     assert rest == ["queued"] and [name for name, _ in got] == ["closed", "half", "push"]
-    assert counts == [4, 300, 2]  # answered, amount granted, unanswered SHAKEs released
+    assert counts == [5, 300, 2]  # answered, amount granted, unanswered SHAKEs released
     # socket pairs do not stamp: arrival is when read (now = 7.25), 250 ms each, one bucket
-    assert total == 2 and sum(hist_counts.values()) == 2 and by_second == {7: 4}
-    assert results == {14: 1, 15: 3}
+    assert total == 2 and sum(hist_counts.values()) == 2 and by_second == {7: 5}
+    assert results == {14: 1, 15: 3, 17: 1} and served == {7: 4}
     assert sent_at["one"] == sent_at["two"] == 0.0 and sent_at["push"] == 7.0
 
 
@@ -341,13 +342,14 @@ def test_read_answers_measures_from_the_kernels_arrival_stamp_not_the_read():
             arrived = time.time()
             time.sleep(0.3)  # the worker gets to it late
             select.select([reader], [], [], 5)
-            hist, results, by_second = Histogram(), {}, {}
+            hist, results, by_second, served = Histogram(), {}, {}, {}
             now = time.time() + 5.0  # and reads it in a later second still
             rest, got, answered, _, released = impl.read_answers(
-                [(conn.fd, IN)], {conn.fd: conn}, 4096, now, hist, results, by_second)
+                [(conn.fd, IN)], {conn.fd: conn}, 4096, now, hist, results, by_second, served)
             outcomes.append((rest, got, answered, released, by_second, hist.counts))
             assert (rest, got, answered, released) == ([], [], 1, 1)
             assert by_second == {int(arrived): 1} or by_second == {int(arrived) + 1: 1}
+            assert served == by_second  # 15, none left: it served the ask
             (measured,) = hist.counts
             assert measured <= bucket(100_000)  # not the 300 ms + 5 s until the read
         finally:

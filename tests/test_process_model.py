@@ -244,24 +244,32 @@ def test_a_control_answer_later_than_its_asker_neither_desyncs_nor_hides_the_set
 
 
 def test_a_late_report_counts_answers_by_the_second_they_were_read_in(capsys):
-    """A pacer that writes second N's report 50 ms into N+1 must not count N+1's answers."""
+    """A pacer that writes second N's report 50 ms into N+1 must not count N+1's answers;
+    "served" counts the same way the answers that served the ask (not 17, overload)."""
     agent = agent_of()
     worker = Worker(agent.spec(agent.children[0]), control_fd=os.open(os.devnull, os.O_RDONLY))
+
+    def answers(n: int, at: float, result: int = 15) -> None:
+        for _ in range(n):
+            worker._count_answer(result, at)
+
     try:
         n = 1_800_000_000
-        worker._count_answers(40, n + 0.99)
-        worker._count_answers(7, n + 1.03)  # read before the late report of second n
+        answers(40, n + 0.99)
+        answers(6, n + 1.03)  # read before the late report of second n
+        answers(1, n + 1.04, result=17)
         worker.report(n)
-        worker._count_answers(5, n + 1.5)
+        answers(5, n + 1.5, result=14)
         worker.report(n + 1)
-        worker._count_answers(3, n + 2.2)
-        worker._count_answers(2, n + 3.1)
+        answers(3, n + 2.2)
+        answers(2, n + 3.1)
         worker.report(n + 3)  # the report of n + 2 was skipped (a starved pacer): folded in
         records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     finally:
         worker.reactor.close()
         os.close(worker.stdin)
-    assert [(r["t"], r["answered"]) for r in records] == [(n, 40), (n + 1, 12), (n + 3, 5)]
+    assert [(r["t"], r["answered"], r["served"]) for r in records] == [
+        (n, 40, 40), (n + 1, 12, 11), (n + 3, 5, 5)]
 
 
 def test_a_tick_sent_after_its_second_ended_is_counted_as_sent_late(capsys):

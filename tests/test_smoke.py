@@ -36,7 +36,8 @@ def fake_run(served: list[int], target: int = 1000, latency_us: int = 40_000,
     """Two hosts asked for target/2 each for len(served) seconds from T.
 
     ``served``: what the server answered (with 15) in each second by arrival, and
-    the clients got answered in it; ``scheduled``: what the server counted by the
+    the clients got answered in it (each host also 3 overload answers, 17, which
+    serve nothing); ``scheduled``: what the server counted by the
     frames' stamp (default: all the clients sent); ``sent_late``: what each host sent
     only after its second had ended (default: none).
     """
@@ -44,8 +45,9 @@ def fake_run(served: list[int], target: int = 1000, latency_us: int = 40_000,
     late = sent_late or [0] * len(served)
     scheduled = scheduled if scheduled is not None else [target] * len(served)
     hosts = [{"per_second": [
-        {"second": t, "target": target // 2, "sent": target // 2, "answered": n // 2,
-         "results": {"15": n // 2}, "connections": 50, "lag_ms": 10.0 * (h + 1) + i,
+        {"second": t, "target": target // 2, "sent": target // 2, "answered": n // 2 + 3,
+         "served": n // 2, "results": {"15": n // 2, "17": 3}, "connections": 50,
+         "lag_ms": 10.0 * (h + 1) + i,
          "sent_late": late[i],
          "hist": {str(bucket(latency_us)): target // 2}}
         for i, (t, n) in enumerate(zip(seconds, served, strict=True))]} for h in range(2)]
@@ -74,7 +76,8 @@ def test_records_count_what_was_served_and_what_was_scheduled_apart():
     assert KEYS == set(rows[0]) - {"_hist"}
     assert [r["server_served"] for r in rows] == [1000, 700, 1300]  # 17s are not served
     assert [r["server_arrived"] for r in rows] == [1007, 707, 1307]
-    assert [r["client_served"] for r in rows] == [1000, 700, 1300]
+    assert [r["client_served"] for r in rows] == [1000, 700, 1300]  # nor at the clients
+    assert [r["client_answered"] for r in rows] == [1006, 706, 1306]
     assert [r["server_scheduled"] for r in rows] == [1000, 1000, 990]
     assert rows[0]["client_sent"] == 1000 and rows[0]["target_qps"] == 1000
     assert [r["loop_lag_ms"] for r in rows] == [1.5, 2.5, 3.5]

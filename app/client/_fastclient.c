@@ -11,6 +11,7 @@
 #define RESULT_SIZE 28
 #define RESULT_CMD 3
 #define GOT 14
+#define NONE_LEFT 15
 #define MAX_READ 65536
 /* app.client.histogram: 8 linear sub-buckets per power of two, exact below 16 */
 #define SUB_BITS 3
@@ -244,11 +245,12 @@ count_in(PyObject *d, long long key)
 static PyObject *
 read_answers(PyObject *self, PyObject *args)
 {
-    PyObject *events, *by_fd, *hist, *results, *by_second;
+    PyObject *events, *by_fd, *hist, *results, *by_second, *served;
     Py_ssize_t size;
     double now;
-    if (!PyArg_ParseTuple(args, "O!O!ndOO!O!", &PyList_Type, &events, &PyDict_Type, &by_fd,
-                          &size, &now, &hist, &PyDict_Type, &results, &PyDict_Type, &by_second))
+    if (!PyArg_ParseTuple(args, "O!O!ndOO!O!O!", &PyList_Type, &events, &PyDict_Type, &by_fd,
+                          &size, &now, &hist, &PyDict_Type, &results, &PyDict_Type, &by_second,
+                          &PyDict_Type, &served))
         return NULL;
     if (conn_type == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "bind() the connection class first");
@@ -292,9 +294,12 @@ read_answers(PyObject *self, PyObject *args)
             arrived = now;  /* a socket that does not stamp: when we read it */
         if (count_add(by_second, (long long)arrived, n / RESULT_SIZE) < 0)
             goto fail;
+        Py_ssize_t useful = 0;  /* answers that served the request: GOT, NONE_LEFT */
         for (Py_ssize_t at = 0; at < n; at += RESULT_SIZE) {
             uint32_t result = get_u32(buf + at + 16);
             answered++;
+            if (result == GOT || result == NONE_LEFT)
+                useful++;
             if (count_in(results, result) < 0)
                 goto fail;
             if (result == GOT)
@@ -312,6 +317,8 @@ read_answers(PyObject *self, PyObject *args)
                 released++;
             }
         }
+        if (useful && count_add(served, (long long)arrived, useful) < 0)
+            goto fail;
     }
     if (released) {  /* Histogram.record's other half: its total */
         PyObject *total = PyObject_GetAttrString(hist, "total");
@@ -341,7 +348,8 @@ static PyMethodDef methods[] = {
      "send_shakes(conns, second, now, cap, outstanding, send) -> (sent, skipped, busy, "
      "outstanding)"},
     {"read_answers", read_answers, METH_VARARGS,
-     "read_answers(events, by_fd, size, now, hist, results, by_second) -> (rest, got, answered, "
+     "read_answers(events, by_fd, size, now, hist, results, by_second, served) -> (rest, got, "
+     "answered, "
      "amount, released)"},
     {NULL, NULL, 0, NULL},
 };

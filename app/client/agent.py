@@ -63,9 +63,9 @@ HISTORY = 900  # seconds of per-second records kept for /stats
 CHANGE_LEAD_TICKS = 2  # an immediate /qps applies this many ticks ahead, so every worker has it
 CLOCK_INTERVAL = 10.0  # seconds between clock-offset measurements
 STOP_TIMEOUT = 3.0  # seconds a worker has to exit after "stop" before it is killed
-COUNTERS = ("sent", "skipped", "answered", "claims_sent", "claims_granted", "claim_amount",
-            "shake_amount", "logins", "reconnects", "connects", "connect_failures", "lost",
-            "errors", "ticks_skipped", "busy", "sent_late")
+COUNTERS = ("sent", "skipped", "answered", "served", "claims_sent", "claims_granted",
+            "claim_amount", "shake_amount", "logins", "reconnects", "connects",
+            "connect_failures", "lost", "errors", "ticks_skipped", "busy", "sent_late")
 
 
 class Child(Slot):

@@ -9,10 +9,11 @@ way (the session, ``Worker.send``, ``Worker._frames``):
   (or a process already ``cap`` answers behind) is busy; returns
   ``(sent, skipped, busy, outstanding)``. A socket that does not take the
   frame at once goes through ``send(conn, rest, now)``.
-- ``read_answers(events, by_fd, size, now, hist, results, by_second)``
+- ``read_answers(events, by_fd, size, now, hist, results, by_second, served)``
   reads every plain connection that is ready; answers made only of
   SHAKE_RESULTs are counted at once (``results`` by code, ``by_second`` by
-  the second they arrived, latency into ``hist``, the user free to be asked
+  the second they arrived, ``served`` the same for the answers that served
+  the request, GOT and NONE_LEFT; latency into ``hist``, the user free to be asked
   again); returns ``(rest, got, answered, amount, released)``: events not
   read, (conn, bytes) read but not only SHAKE_RESULTs or (conn, None) for a
   peer gone, answers, the amount they granted, and how many unanswered
@@ -46,6 +47,7 @@ _RESULT = struct.Struct(">HHQIIII")
 RESULT_SIZE = _RESULT.size
 _RESULT_CMD = 3
 _GOT = int(ShakeCode.GOT)
+SERVED = frozenset({_GOT, int(ShakeCode.NONE_LEFT)})  # answers that served the request
 _bound: dict = {}
 
 
@@ -92,7 +94,7 @@ def _plain(conn: object, mask: int) -> bool:
 
 
 def read_answers(events: list[tuple[int, int]], by_fd: dict, size: int, now: float, hist,
-                 results: dict, by_second: dict):
+                 results: dict, by_second: dict, served: dict):
     """Read and count lone SHAKE_RESULTs (see the module docstring)."""
     rest: list[tuple[int, int]] = []
     got: list[tuple[object, bytes | None]] = []
@@ -106,8 +108,11 @@ def read_answers(events: list[tuple[int, int]], by_fd: dict, size: int, now: flo
             arrived = now  # a socket that does not stamp: when we read it
         second = int(arrived)
         by_second[second] = by_second.get(second, 0) + len(frames)
+        useful = 0
         for result, granted in frames:
             answered += 1
+            if result in SERVED:
+                useful += 1
             results[result] = results.get(result, 0) + 1
             if result == _GOT:
                 amount += granted
@@ -115,6 +120,8 @@ def read_answers(events: list[tuple[int, int]], by_fd: dict, size: int, now: flo
                 hist.record(int((arrived - conn.sent_at) * 1e6))
                 conn.sent_at = 0.0
                 released += 1
+        if useful:
+            served[second] = served.get(second, 0) + useful
     return rest, got, answered, amount, released
 
 

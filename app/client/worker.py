@@ -49,6 +49,7 @@ from gevent.event import Event
 
 from app.arbiter import EXIT_BOOT_ERROR, batch_scheduling
 from app.client import fastpath
+from app.client.fastpath import SERVED
 from app.client.histogram import Histogram
 from app.client.schedule import Timeline, clip, tick_span
 from app.protocol import (
@@ -109,6 +110,22 @@ _GOT = int(ShakeCode.GOT)
 # every read allocate 64 KB and shrink it; what is left comes next batch.
 READ_SIZE = 4096
 
+
+def _until(by_second: dict[int, int], second: int) -> int:
+    """Pop and sum the counts of ``second`` and earlier: answers not yet reported.
+
+    Answers are counted by the wall-clock second they arrived in (the
+    kernel's receive stamp, ``app.client.fastpath``; the rare answer that
+    goes the general way, by when it was read), not by when the pacer gets
+    to write the report: a report written 50 ms late (a stalled process)
+    used to count the next second's first 50 ms in this one. Seconds whose
+    report was skipped (a pacer more than ``MAX_CATCH_UP`` late) fold into
+    this one.
+    """
+    total = 0
+    for s in [s for s in by_second if s <= second]:
+        total += by_second.pop(s)
+    return total
 
 
 class Conn:
@@ -172,6 +189,7 @@ class Worker:
         self.reactor = Reactor(self._dispatch, coalesce=COALESCE)
         self.outstanding = 0  # SHAKEs sent and not yet answered, all users of this process
         self.answered: dict[int, int] = {}  # answers by the second they arrived in
+        self.served: dict[int, int] = {}  # ... of them GOT or NONE_LEFT (they served the ask)
         self.share = (self.end - self.begin) / max(1, self.n)  # of the host's QPS
         self.wake = Event()
         self.stdin = sys.stdin.fileno() if control_fd is None else control_fd
@@ -211,7 +229,8 @@ class Worker:
         record = {
             "p": self.index, "t": second, "sent": self.sent.pop(second, 0),
             "sent_late": self.sent_late.pop(second, 0),
-            "skipped": self.skipped.pop(second, 0), "answered": self._answered_until(second),
+            "skipped": self.skipped.pop(second, 0),
+            "answered": _until(self.answered, second), "served": _until(self.served, second),
             "results": {str(k): v for k, v in self.results.items()},
             "hist": self.hist.to_json(), "claims_sent": self.claims_sent,
             "claims_granted": self.claims_granted, "claim_amount": self.claim_amount,
@@ -228,26 +247,13 @@ class Worker:
         sys.stdout.write(json.dumps(record, separators=(",", ":")) + "\n")
         sys.stdout.flush()
 
-    def _answered_until(self, second: int) -> int:
-        """Answers that arrived up to the end of ``second`` and were not yet reported.
 
-        Counted by the wall-clock second they arrived in (the kernel's
-        receive stamp, ``app.client.fastpath``; the rare answer that goes
-        the general way, by when it was read), not by when the pacer gets
-        to write the report: a report written 50 ms late (a
-        stalled process) used to count the next second's first 50 ms in
-        this one, and the clients' "answered per second" swung by that much
-        while the server's count by arrival held. Seconds whose report was
-        skipped (a pacer more than ``MAX_CATCH_UP`` late) fold into this one.
-        """
-        answered = 0
-        for s in [s for s in self.answered if s <= second]:
-            answered += self.answered.pop(s)
-        return answered
-
-    def _count_answers(self, n: int, now: float) -> None:
+    def _count_answer(self, result: int, now: float) -> None:
+        """One answer read the general way, by the second it was read in (see ``_until``)."""
         second = int(now)
-        self.answered[second] = self.answered.get(second, 0) + n
+        self.answered[second] = self.answered.get(second, 0) + 1
+        if result in SERVED:
+            self.served[second] = self.served.get(second, 0) + 1
 
     # --- connections ----------------------------------------------------------
     def connect(self, conn: Conn, now: float) -> None:
@@ -340,7 +346,8 @@ class Worker:
         # Lone SHAKE_RESULTs of plain connections counted in bulk (app.client.fastpath),
         # then what was read that was not only those, then the events not read.
         rest, got, _, amount, released = HOT.read_answers(
-            events, self.by_fd, READ_SIZE, now, self.hist, self.results, self.answered)
+            events, self.by_fd, READ_SIZE, now, self.hist, self.results, self.answered,
+            self.served)
         self.shake_amount += amount
         self.outstanding -= released
         for conn, data in got:
@@ -392,7 +399,7 @@ class Worker:
             kind = type(frame)
             if kind is ShakeResult:
                 result = frame.result
-                self._count_answers(1, now)
+                self._count_answer(result, now)
                 self.results[result] = self.results.get(result, 0) + 1
                 if result == _GOT:
                     self.shake_amount += frame.amount

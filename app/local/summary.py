@@ -113,7 +113,7 @@ def build_seconds(server: dict[str, Any], clients: list[dict[str, Any]],
             "target_qps": sum(r["target"] for r in rows),
             # served in this second, by arrival at the server / answer at the clients
             "server_served": served(by_result),
-            "client_served": sum(served(r.get("results", {})) for r in rows),
+            "client_served": sum(r.get("served", 0) for r in rows),
             "server_arrived": arrived.get("shakes", 0),
             "server_by_result": by_result,
             "client_answered": sum(r["answered"] for r in rows),

@@ -1,9 +1,11 @@
 """The verdict of ramp-qps.yml: was the asked rate served, second by second?
 
 A second passes when the server *served* the rate in it, counted by the
-second each SHAKE arrived (``per_second_arrival`` of the server's /stats),
-and the client agents got that many answers in it (the sum of every agent's
-``answered`` for that second), both within the allowed deviation.  The count
+second each SHAKE arrived (``per_second_arrival`` of the server's /stats;
+results 14 and 15, an envelope or none left: 16 refused and 17 overload do
+not serve), and the client agents got that many such answers in it (the
+sum of every agent's ``served`` for that second, by the second each answer
+arrived), both within the allowed deviation.  The count
 by the second stamped in the frames (``per_second``) is exact however late
 the server gets to a request, so it is shown as a separate "scheduled" line
 and never decides.  Latency per second is the worst agent's p50/p99: an
@@ -12,6 +14,8 @@ its own p99, so the fleet has none above the largest).
 """
 
 from __future__ import annotations
+
+SERVED_CODES = ("14", "15")  # results that served the ask (app.local.summary has the same)
 
 
 def _by_second(rows: list[dict] | None, key: str) -> dict[int, float]:
@@ -28,7 +32,9 @@ def ramp_verdict(server: dict, agents: list[dict], qps: int, first: int, count: 
     """
     qps, first, count = int(qps), int(first), int(count)
     allowed = max(qps * float(fraction), float(absolute))
-    served = _by_second(server.get("per_second_arrival"), "shakes")
+    served = {int(r["second"]): sum((r.get("by_result") or {}).get(code, 0)
+                                     for code in SERVED_CODES)
+              for r in server.get("per_second_arrival") or []}
     scheduled = _by_second(server.get("per_second"), "shakes")
     answered: dict[int, int] = {}
     p50: dict[int, float] = {}
@@ -36,7 +42,7 @@ def ramp_verdict(server: dict, agents: list[dict], qps: int, first: int, count: 
     for agent in agents:
         for row in agent.get("per_second") or []:
             s = int(row["second"])
-            answered[s] = answered.get(s, 0) + int(row.get("answered") or 0)
+            answered[s] = answered.get(s, 0) + int(row.get("served") or 0)
             for table, key in ((p50, "latency_p50_ms"), (p99, "latency_p99_ms")):
                 if row.get(key) is not None:
                     table[s] = max(table.get(s, 0.0), float(row[key]))
