@@ -74,8 +74,13 @@ def _seconds(value: str) -> float:
     return n
 
 
-def _sets(value: str) -> int:
-    """'auto' (0) or a SET count."""
+def _coalesce(value: str) -> int | None:
+    """'auto' (None: the SET picks by the SET count) or milliseconds >= 0."""
+    return None if str(value) == "auto" else _non_negative(value)
+
+
+def _auto_count(value: str) -> int:
+    """'auto' (0: the program picks) or a positive count."""
     return 0 if str(value) == "auto" else _positive(value)
 
 
@@ -156,16 +161,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("host", str, "0.0.0.0", "address the SETs listen on", S),
     Setting("port", _port, "1025", "TCP port shared by every SET (SO_REUSEPORT)", S),
     Setting("control", _address, "127.0.0.1:8989", "HOST:PORT of the HTTP control API", S),
-    Setting("sets", _sets, "auto", "SET worker count, or 'auto' (see README: SETs)", S),
+    Setting("sets", _auto_count, "auto", "SET worker count, or 'auto' (see README: SETs)", S),
     Setting(
         "target_connections", _positive, "100000", "connections 'auto' sizes the SETs for", S
     ),
     Setting("fd_reserve", _positive, "256", "descriptors a SET keeps free for itself", S),
     Setting("journal_dir", str, "var/journal", "directory of the SET journals", S),
     Setting("login_timeout", _seconds, "10", "seconds a new connection has to LOGIN", S),
-    Setting("coalesce_ms", _non_negative, "8", "ms a SET waits, once woken, before it reads: "
-            "fewer, larger batches for that much latency (see README: One scheduling group)",
-            S),
+    Setting("coalesce_ms", _coalesce, "auto", "ms a SET waits, once woken, before it reads: "
+            "fewer, larger batches for that much latency; 'auto': longer the more SETs share "
+            "the machine (see README: SETs)", S),
     Setting("durability", _choice("written", "fdatasync"), "written",
             "answers wait for their journal write, or also its fdatasync (see README)", S + BS),
     Setting("shake_budget", _positive, "100000", "server-wide SHAKEs per second before 17",
@@ -219,7 +224,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("hold", _non_negative, "60", "seconds to hold the connections before the phases",
             Z),
     Setting("phase_seconds", _positive, "60", "seconds of each phase", Z),
-    Setting("sets", _sets, "auto", "server SET workers, or 'auto' (descriptor limit)", Z),
+    Setting("sets", _auto_count, "auto", "server SET workers, or 'auto' (descriptor limit)", Z),
     Setting("connect_rate", _positive, "12000", "new connections per second over all hosts "
             "(measured: one million logged in at 11,400/s with 0 failures; the server alone "
             "took 16,000/s from C clients)", Z),
@@ -232,9 +237,11 @@ SETTINGS: tuple[Setting, ...] = (
             "run inside a network namespace it creates (auto: when root)", Z),
     # 20, not the agent's 100: measured (one agent, 12,000 users, 1,800/s), each tick costs a
     # client worker ~0.3 ms of wake-ups, so 100 ticks cost 24-27 µs a request and 20 ticks
-    # 12.5-14.6 µs, with p99 still ~10 ms
-    Setting("ticks", _positive, "20", "pacing ticks per second, of the clients and of the "
-            "floor", Z),
+    # 12.5-14.6 µs, with p99 still ~10 ms; 'auto' halves that again at one million
+    # (app.bench.scale.auto_ticks)
+    Setting("ticks", _auto_count, "auto", "pacing ticks per second, of the clients and of "
+            "the floor; 'auto': 20, or 10 from 500,000 connections (see README: Benchmarks)",
+            Z),
     Setting("ramp", _non_negative, "0", "after the phases, add this many SHAKEs/s a step "
             "(each phase_seconds long) until a step fails twice in a row; 0: no ramp", Z),
     Setting("ramp_steps", _positive, "10", "at most this many ramp steps", Z),

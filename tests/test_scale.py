@@ -27,6 +27,16 @@ CONNECTIONS = 50_000
 QPS = 3_000
 
 
+@pytest.mark.parametrize("argv,ticks", [
+    (["--connections", "200000"], scale.TICKS),
+    (["--connections", str(scale.MANY_CONNECTIONS)], scale.FEW_TICKS),
+    (["--connections", "1000000"], scale.FEW_TICKS),
+    (["--connections", "1000000", "--ticks", "20"], 20),
+])
+def test_auto_ticks_pace_fewer_ticks_at_a_million_unless_told(argv, ticks):
+    assert scale.parse([*argv, "--run-dir", "unused"]).ticks == ticks
+
+
 @pytest.mark.slow
 def test_bounded_scale_run(tmp_path):
     run_dir = tmp_path / "scale"
@@ -47,6 +57,7 @@ def test_bounded_scale_run(tmp_path):
         assert namespaces() == namespaces_before
     assert result["stopped_by"] is None
     assert result["connected"] == CONNECTIONS
+    assert result["ticks"] == scale.TICKS and f"{scale.TICKS} ticks a second" in done.stdout
     assert result["held"]["dropped"] == 0
     assert result["held"]["server_lowest"] == CONNECTIONS
     assert result["ledger"]["balanced"]

@@ -11,6 +11,7 @@ import pytest
 from app import hotpath
 from app import protocol as p
 from app.local.runner import SERVER_READY, Service, get_json, server_command
+from app.server import set_worker
 from tests.serverproc import Client
 
 
@@ -60,6 +61,22 @@ def test_every_set_is_scheduled_as_a_batch_task_and_the_supervisor_is_not(server
     assert len(pids) == 4
     assert all(os.sched_getscheduler(pid) == os.SCHED_BATCH for pid in pids)
     assert os.sched_getscheduler(server.proc.pid) == os.SCHED_OTHER
+
+
+def test_the_sets_coalesce_by_their_count_unless_told(start_server):
+    """'auto' (the default) is the SET count's rule; a number given is used as is."""
+    auto = start_server(sets=2)
+    assert {s["reactor"]["coalesce_ms"] for s in auto.stats()["per_set"]} == {
+        set_worker.auto_coalesce_ms(2)}
+    told = start_server(sets=2, extra=["--coalesce-ms", "3"], journal="told")
+    assert {s["reactor"]["coalesce_ms"] for s in told.stats()["per_set"]} == {3}
+
+
+def test_more_sets_on_one_machine_coalesce_longer():
+    few, many = set_worker.auto_coalesce_ms(11), set_worker.auto_coalesce_ms(51)
+    assert few == set_worker.COALESCE_FEW_MS < many == set_worker.COALESCE_MANY_MS
+    assert set_worker.auto_coalesce_ms(set_worker.MANY_SETS) == few
+    assert set_worker.auto_coalesce_ms(set_worker.MANY_SETS + 1) == many
 
 
 def test_login_result_carries_the_userid_and_zero_is_a_user(server, clients):

@@ -76,10 +76,27 @@ from app.server.transport import HOT, Conn, Transport
 
 log = logging.getLogger("hongbao.set")
 
+COALESCE_FEW_MS, COALESCE_MANY_MS = 8, 16  # auto_coalesce_ms
+MANY_SETS = 24  # between 11 (200k connections: 8 ms best) and 51 (1M: 16 ms best)
 EXIT_RESTART = 75  # stopped on a failed journal write or a run-time limit: restart me
 
 
 LoggedIn = p.LoggedIn  # a module name: looked up once per general-path read
+
+
+def auto_coalesce_ms(sets: int) -> int:
+    """How long a woken SET waits before it reads when ``coalesce_ms`` is 'auto'.
+
+    Each wake-up of a SET costs ~60 µs on a box shared by many processes
+    (their caches evict each other's), so the more SETs share a machine the
+    longer each gathers. 8 ms keeps a few SETs under the 10 ms loop-lag
+    budget (the wait blocks their timers); measured at 1M connections (51
+    SETs, 30,000/s): 2 ms -> 9,600 SET wake-ups a second and 30-31 µs a
+    request, 8 ms -> 4,500 and 24.6-25.2 µs, 16 ms -> 2,800 and 20.6-22.1
+    µs; 24 ms was no cheaper than 16 (20.4 against 20.0 µs) for a p50 of
+    25.6 ms against 19.5 (README: Benchmarks).
+    """
+    return COALESCE_FEW_MS if sets <= MANY_SETS else COALESCE_MANY_MS
 
 
 class SetHalt(Exception):
@@ -118,12 +135,11 @@ class SetWorker:
                           ) from exc
         self.listener = self._listen()
         # coalesce: requests from many client processes gathered into one wake-up
-        # (app.reactor); the default 8 ms stays under the 10 ms loop-lag budget (the
-        # sleep blocks the timers). 1M connections, 30,000/s, SCHED_BATCH: 2 ms ->
-        # 9,600 wake-ups/s over 51 SETs and 30-31 µs a request; 8 ms -> 4,100-4,300
-        # and 24-27 µs
-        self.reactor = Reactor(self._dispatch, self.commit,
-                               coalesce=self.config["coalesce_ms"] / 1000)
+        # (app.reactor, auto_coalesce_ms)
+        coalesce_ms = self.config["coalesce_ms"]
+        if coalesce_ms is None:
+            coalesce_ms = auto_coalesce_ms(self.sets)
+        self.reactor = Reactor(self._dispatch, self.commit, coalesce=coalesce_ms / 1000)
         count = self.stats.count
         self.acceptor = Acceptor(self.listener, self._on_accept, count)
         self.transport = Transport(self.reactor, count)
@@ -427,7 +443,8 @@ class SetWorker:
             "budget_per_second": self.service.budget,
             "journal": {"records": self.journal.records, "bytes": self.journal.bytes,
                         "replayed": self.replayed},
-            "reactor": {"batches": self.reactor.batches, "events": self.reactor.events},
+            "reactor": {"batches": self.reactor.batches, "events": self.reactor.events,
+                        "coalesce_ms": round(self.reactor.coalesce * 1000, 3)},
         }
 
 
