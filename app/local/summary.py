@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from app import hotpath
+from app.client.fastpath import SERVED
 from app.client.histogram import Histogram
 
 log = logging.getLogger("hongbao.smoke")
@@ -38,7 +39,8 @@ log = logging.getLogger("hongbao.smoke")
 TOLERANCE = 0.02  # ±2% of the target per second
 REQUIRED = 0.95  # share of steady seconds that must be within the tolerance
 P99_LIMIT_MS = 100.0  # a phase's p99 latency must be under this
-SERVED_CODES = ("14", "15")  # an envelope, or none left: 16 refused and 17 overload are not
+# an envelope, or none left (16 refused and 17 overload are not): as the clients count them
+SERVED_CODES = tuple(str(code) for code in sorted(SERVED))
 REPORT_TIMEOUT = 300.0  # seconds monitor.report may take to draw a run
 
 

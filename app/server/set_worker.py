@@ -93,8 +93,9 @@ def auto_coalesce_ms(sets: int) -> int:
     budget (the wait blocks their timers); measured at 1M connections (51
     SETs, 30,000/s): 2 ms -> 9,600 SET wake-ups a second and 30-31 µs a
     request, 8 ms -> 4,500 and 24.6-25.2 µs, 16 ms -> 2,800 and 20.6-22.1
-    µs; 24 ms was no cheaper than 16 (20.4 against 20.0 µs) for a p50 of
-    25.6 ms against 19.5 (README: Benchmarks).
+    µs; 24 ms was no cheaper than 16 (20.4 against 20.0 µs, both with the
+    clients at 10 ticks) for a p50 of 25.6 ms against 19.5 (README:
+    Benchmarks).
     """
     return COALESCE_FEW_MS if sets <= MANY_SETS else COALESCE_MANY_MS
 

@@ -15,7 +15,8 @@ its own p99, so the fleet has none above the largest).
 
 from __future__ import annotations
 
-SERVED_CODES = ("14", "15")  # results that served the ask (app.local.summary has the same)
+# results that served the ask: app.client.fastpath.SERVED (Ansible loads this file alone)
+SERVED_CODES = ("14", "15")
 
 
 def _by_second(rows: list[dict] | None, key: str) -> dict[int, float]:
