@@ -172,7 +172,16 @@ def test_record_offsets_locate_each_record(tmp_path):
     assert [data[o : o + 1] for o in record_offsets(records)] == [b"Y", b"G", b"F"]
 
 
-def test_a_reactor_behind_on_full_batches_still_lets_timers_and_other_greenlets_run(monkeypatch):
+# How a test starts a reactor: its own greenlet on the hub (client workers), or as
+# the process's clocked main loop (SETs: Reactor.start_clocked).
+# The hub's timers (gevent.sleep) run at least once a tick in the clocked loop.
+STARTS = {"hub": lambda r: r.start(),
+          "clocked": lambda r: r.start_clocked(0.5, lambda tick, late: None)}
+
+
+@pytest.mark.parametrize("start", STARTS.values(), ids=STARTS.keys())
+def test_a_reactor_behind_on_full_batches_still_lets_timers_and_other_greenlets_run(monkeypatch,
+                                                                                    start):
     """A SET that is behind gets a full batch every poll; its control socket and its
     timers (per-second stats, liveness answers) must still run between batches.
 
@@ -206,7 +215,7 @@ def test_a_reactor_behind_on_full_batches_still_lets_timers_and_other_greenlets_
             ticks.append(time.monotonic())
 
     started = time.monotonic()
-    r.start()
+    start(r)
     gevent.spawn(timer).join(timeout=2.0)
     r.close()
     for ours, theirs in pairs:
@@ -246,9 +255,12 @@ def test_journal_sync_can_run_its_fsync_elsewhere_and_stays_dirty_when_it_fails(
 def test_a_sets_loop_lag_is_measured_by_its_generation_ticks(tmp_path):
     """No probe greenlet of its own (one wake-up less per SET every 100 ms): the
     generation loop's lateness is the SET's loop lag, and a blocked loop shows in it."""
+    from app import reactor as reactor_module
+
     worker = a_set(JournalWriter(str(tmp_path / "j")))
     worker.loop_lag = sysmetrics.LoopLag()
-    ticking = gevent.spawn(worker._generate_loop)
+    r = reactor_module.Reactor(lambda events: None)
+    r.start_clocked(1 / set_worker.GEN_TICKS, worker._on_tick)
     try:
         gevent.sleep(0.5)
         calm = worker.loop_lag.take()
@@ -256,7 +268,7 @@ def test_a_sets_loop_lag_is_measured_by_its_generation_ticks(tmp_path):
         gevent.sleep(0.2)
         blocked = worker.loop_lag.take()
     finally:
-        ticking.kill()
+        r.close()
     assert calm < 100 and blocked >= 200
 
 
@@ -272,7 +284,8 @@ def test_stats_of_a_batch_equal_the_stats_of_its_shakes_one_by_one(sents):
     assert bulk.shake_totals == [2, 2, 0, 2]
 
 
-def test_a_woken_reactor_waits_its_coalescing_time_before_it_reads():
+@pytest.mark.parametrize("start", STARTS.values(), ids=STARTS.keys())
+def test_a_woken_reactor_waits_its_coalescing_time_before_it_reads(start):
     """A burst's first byte wakes the reactor; what the burst writes within ``coalesce``
     is read with it, in one batch (app.reactor: coalescing before the first read)."""
     import socket
@@ -289,18 +302,68 @@ def test_a_woken_reactor_waits_its_coalescing_time_before_it_reads():
         r.register(fd)
 
     def burst() -> None:  # another writer: three sockets 20 ms apart, well inside 200 ms
-        for _, theirs in pairs:
+        time.sleep(0.51 - time.time() % 0.5)  # just after a tick: the clocked loop's
+        for _, theirs in pairs:  # coalescing stops at the next one
             theirs.send(b"x")
             time.sleep(0.02)
 
-    r.start()
+    start(r)
     gevent.sleep(0.05)
     writer = threading.Thread(target=burst)  # a real thread: the reactor wakes meanwhile
     writer.start()
-    gevent.sleep(0.5)
+    waited = time.monotonic()
+    while (writer.is_alive() or not batches) and time.monotonic() - waited < 5:
+        gevent.sleep(0.05)  # not writer.join(): that would block the reactor too
     writer.join()
     r.close()
     for ours, theirs in pairs:
         ours.close()
         theirs.close()
     assert batches[0] == ours_fds
+
+
+def test_a_clocked_reactor_wakes_the_hub_for_its_sockets_and_turns_it_every_tick():
+    """Blocking in its own epoll, the SET's loop still serves the greenlets that wait in
+    gevent's hub: a socket one of them waits on wakes it at once (the hub's descriptor is
+    in the reactor's epoll), and the hub's timers run at least once a tick; ticks come
+    in order, none skipped on an idle loop, and the dispatcher never sees the hub's
+    descriptor."""
+    import socket
+    import threading
+
+    from gevent import socket as gsocket
+
+    from app import reactor as reactor_module
+
+    seen: list[int] = []
+    ticks: list[int] = []
+    r = reactor_module.Reactor(lambda events: seen.extend(fd for fd, _ in events))
+    r.start_clocked(0.05, lambda tick, late: ticks.append(tick))
+    ours, theirs = socket.socketpair()
+    watched = gsocket.socket(fileno=ours.detach())
+    got: list[tuple[bytes, float]] = []
+    reader = gevent.spawn(lambda: got.append((watched.recv(10), time.monotonic())))
+    sent: list[float] = []
+
+    def write_later() -> None:  # a real thread: the whole process may be blocked in epoll
+        time.sleep(0.3)
+        sent.append(time.monotonic())
+        theirs.send(b"ping")
+
+    writer = threading.Thread(target=write_later)
+    writer.start()
+    reader.join(timeout=5)
+    writer.join()
+    slept = []
+    sleeper = gevent.spawn(lambda: [slept.append(gevent.sleep(0.01)) for _ in range(10)])
+    begun = time.monotonic()
+    sleeper.join(timeout=5)
+    took = time.monotonic() - begun
+    r.close()
+    watched.close()
+    theirs.close()
+    assert got and got[0][0] == b"ping"
+    assert got[0][1] - sent[0] < 0.04, "the reader waited for a tick, not for its socket"
+    assert len(slept) == 10 and took < 0.05 * 10 + 1.0
+    assert len(ticks) >= 5 and ticks == list(range(ticks[0], ticks[0] + len(ticks)))
+    assert seen == []

@@ -203,8 +203,7 @@ class SetWorker:
         self.metrics.start()
         self.acceptor.start()
         greenlets = [
-            self.reactor.start(),
-            gevent.spawn(self._generate_loop),
+            self.reactor.start_clocked(1 / GEN_TICKS, self._on_tick),
             gevent.spawn(self._housekeeping_loop),
             gevent.spawn(self._control_loop),
         ]
@@ -346,25 +345,25 @@ class SetWorker:
                 self._on_data(conn, rest, second)
 
     # ------------------------------------------------------------- loops
-    def _generate_loop(self) -> None:
-        """Shake and group envelopes, in ticks aligned to the wall clock."""
-        while True:
-            now = time.time()
-            tick = int(now * GEN_TICKS) + 1
-            gevent.sleep(max(0.0, tick / GEN_TICKS - now))
-            # how late the hub woke us: the SET's loop lag (no probe greenlet of its own)
-            self.loop_lag.observe(time.time() - tick / GEN_TICKS)
-            try:
-                self.service.generate(tick % GEN_TICKS, time.time())
-            except IdsExhausted as exc:
-                self.commit()  # what was generated before the limit is sound
-                raise SetHalt(str(exc)) from exc
-            self.commit()
+    def _on_tick(self, tick: int, late: float) -> None:
+        """Shake and group envelopes, in ticks aligned to the wall clock (the reactor's clock)."""
+        # how late the loop got to its tick: the SET's loop lag (no probe greenlet of its own)
+        self.loop_lag.observe(late)
+        try:
+            self.service.generate(tick % GEN_TICKS, time.time())
+        except IdsExhausted as exc:
+            self.commit()  # what was generated before the limit is sound
+            raise SetHalt(str(exc)) from exc
+        self.commit()
 
     def _housekeeping_loop(self) -> None:
-        """Once a second: login deadlines, share expiry, fsync, history, gauges."""
+        """Once a second: login deadlines, share expiry, fsync, history, gauges.
+
+        Due on the second, so the hub's turn after the reactor's first tick
+        of that second runs it (``Reactor.start_clocked``).
+        """
         while True:
-            gevent.sleep(1.0 - time.time() % 1.0 + 0.005)
+            gevent.sleep(1.0 - time.time() % 1.0)
             now = time.time()
             self._expire_logins(now)
             self.service.expire(now)
