@@ -67,6 +67,10 @@ class Reactor:
     makes libev drop it from its own epoll and add it back, and adding an
     epoll that holds ~15k sockets costs ~1.8 ms of kernel time (measured).
     Other greenlets of the process run at most ``coalesce`` late.
+
+    Two ways to run it: ``start`` (a greenlet the hub wakes: client workers,
+    which also ``drain`` it at their ticks) and ``start_clocked`` (the
+    process's main loop, with ticks of its own: SETs).
     """
 
     def __init__(self, dispatch: Callable[[list[tuple[int, int]]], None],
@@ -164,9 +168,11 @@ class Reactor:
         control channel, the listener, a signal, the thread pool). The hub
         gets a turn when that is ready and after every tick (its timers run
         then, up to ``period`` late); ticks run inline, with no greenlet of
-        their own. A turn is ``gevent.idle()``: one pass of the loop that
-        polls without blocking (a timed sleep blocked in libev's poll: a
-        second wake-up per tick). Coalescing as in ``_run``, but never past
+        their own. A turn is ``gevent.idle()``: the hub polls without
+        blocking and returns once nothing else is pending, the greenlets its
+        sockets woke having run (``gevent.sleep(1e-4)`` blocked ~1 ms in
+        libev's poll, a second wake-up per tick; a zero timer fired before
+        the woken greenlets ran). Coalescing as in ``_run``, but never past
         the next tick.
         """
         hub_event = (get_hub().loop.fileno(), select.EPOLLIN)

@@ -1,8 +1,9 @@
 """A SET: the worker process that owns every user with ``userid % sets == set_id``.
 
 This module is the process: boot (descriptor limit, journal replay and
-compaction, listener), its greenlets (reactor, envelope generation,
-housekeeping, control RPC), the one commit step, and shutdown. The work is
+compaction, listener), its main loop (the reactor, clocked: sockets and the
+envelope-generation ticks, ``Reactor.start_clocked``), its greenlets
+(housekeeping, control RPC), the one commit step, and shutdown. The work is
 done by parts of one job each:
 
 - ``transport``: the connections on the reactor and their buffered answers;
