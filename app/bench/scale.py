@@ -403,6 +403,9 @@ class ScaleRun:
         errors["client.busy_skipped"] = totals.get("busy", 0)
         return {
             "phases": rows,
+            # each phase's seconds: the graphs' spans (a ramp's retry has its predecessor's rate)
+            "phase_plan": [{"name": p.name, "target": p.target, "start": p.start, "end": p.end}
+                           for p in self.phases],
             **verdict(rows, ledger),
             "ledger": ledger,
             "group": server.get("group", {}),
