@@ -8,6 +8,7 @@ every steady second, and the ledger balances.
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -58,7 +59,7 @@ def test_bounded_scale_run(tmp_path):
     assert result["stopped_by"] is None
     plan = result["phase_plan"]  # the graphs' phase spans: named as the rows, back to back
     assert [p["name"] for p in plan] == [r["phase"] for r in result["phases"]]
-    assert all(a["end"] == b["start"] for a, b in zip(plan, plan[1:]))
+    assert all(a["end"] == b["start"] for a, b in itertools.pairwise(plan))
     assert result["connected"] == CONNECTIONS
     assert result["ticks"] == scale.TICKS and f"{scale.TICKS} ticks a second" in done.stdout
     assert result["held"]["dropped"] == 0
