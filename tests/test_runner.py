@@ -102,3 +102,35 @@ def test_a_child_leads_its_own_group_in_our_session_so_nice_counts(tmp_path):
                 assert theirs.read() == ours.read()
     finally:
         service.stop()
+
+
+def test_process_figures_sum_a_whole_tree_as_psutil_reads_it(tmp_path):
+    """CPU and RSS of a root and its grandchild, from one pass over /proc, match psutil's."""
+    import psutil
+
+    from app.local.procs import stop_group as stop
+    from app.local.runner import process_figures
+
+    pidfile = tmp_path / "grandchild.pid"
+    burn = "x = 0\nfor i in range(4 * 10**6): x += i\nimport time; time.sleep(60)"
+    code = ("import subprocess, sys, time; "
+            f"p = subprocess.Popen([sys.executable, '-c', {burn!r}]); "
+            f"open({str(pidfile)!r}, 'w').write(str(p.pid)); "
+            "blob = bytearray(30 << 20); print('ready 1', flush=True); time.sleep(60)")
+    service = Service("tree", python(code), tmp_path / "tree.log", READY)
+    service.start(timeout=10)
+    try:
+        grandchild = int(pidfile.read_text())
+        deadline = time.monotonic() + 20
+        while psutil.Process(grandchild).status() != psutil.STATUS_SLEEPING:
+            assert time.monotonic() < deadline, "the grandchild never finished burning"
+            time.sleep(0.05)
+        procs = [psutil.Process(service.pid), psutil.Process(grandchild)]
+        expected_cpu = sum(sum(p.cpu_times()[:2]) for p in procs)
+        expected_rss = sum(p.memory_info().rss for p in procs)
+        cpu, rss = process_figures([service.pid, 999_999_999])  # a gone root is skipped
+        assert cpu == pytest.approx(expected_cpu, abs=0.02) and cpu > 0.1
+        assert rss == expected_rss and rss > 30 << 20
+        assert process_figures([grandchild])[1] == procs[1].memory_info().rss  # a subtree alone
+    finally:
+        stop(service.proc, timeout=1, name="tree")
