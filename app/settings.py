@@ -67,6 +67,13 @@ def _non_negative(value: str) -> int:
     return n
 
 
+def _quiet_ms(value: str) -> int:
+    n = int(value)
+    if not 0 <= n < 1000:
+        raise ValueError("must be 0 to 999 (ms of a second)")
+    return n
+
+
 def _seconds(value: str) -> float:
     n = float(value)
     if n <= 0:
@@ -202,6 +209,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("pacing", _choice("even", "burst"), "even", "spread each second or burst",
             C + M + Z + BC),
     Setting("ticks", _positive, "100", "pacing ticks per second (same on every host)", C + M),
+    Setting("quiet_ms", _quiet_ms, "100", "ms at the end of each second in which no tick sends "
+            "(at least; whole ticks): slack for a late pacer or a skewed clock, so a second's "
+            "requests arrive within it (see README: Client agent)", C + M + Z + BF),
     Setting("processes", _non_negative, "0", "worker processes (0: as the fd limit needs)", C),
     Setting("connect_rate", _positive, "5000", "new connections per second, whole host", C + M),
     # --- smoke run (one machine: server + simulated client hosts)

@@ -305,3 +305,36 @@ def test_a_tick_sent_after_its_second_ended_is_counted_as_sent_late(capsys):
             b.close()
         worker.reactor.close()
         os.close(worker.stdin)
+
+
+def test_a_worker_sends_its_second_before_the_quiet_end():
+    """With ``quiet_ms`` the last ticks of a second send nothing; the others send it all."""
+    import socket
+
+    from app.client.worker import READY
+    from app.protocol import ClientSession, Phase
+
+    spec = {**agent_of().spec(agent_of().children[0]), "qps": 3, "changes": [(0, 3)],
+            "ticks": 20, "quiet_ms": 100}
+    worker = Worker(spec, control_fd=os.open(os.devnull, os.O_RDONLY))
+    pairs = [socket.socketpair() for _ in worker.conns]
+    try:
+        for conn, (ours, _) in zip(worker.conns, pairs, strict=True):
+            conn.fd, conn.state = ours.fileno(), READY
+            conn.session = ClientSession(conn.userid)
+            conn.session.phase = Phase.OPEN
+        assert worker.quiet == 2  # 100 ms of 50 ms ticks
+        second = int(time.time()) - 10
+        by_tick = []
+        for k in range(20):
+            before = worker.sent.get(second, 0)
+            worker.run_tick(second * 20 + k, second + k / 20)
+            by_tick.append(worker.sent.get(second, 0) - before)
+        assert sum(by_tick) == 3 and not any(by_tick[18:])  # all asked, none in the last 100 ms
+        assert sum(1 for n in by_tick if n) == 3  # spread over the ticks that send
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+        worker.reactor.close()
+        os.close(worker.stdin)

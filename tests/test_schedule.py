@@ -7,18 +7,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.client.histogram import Histogram, bounds, bucket
-from app.client.schedule import Timeline, clip, second_count, share, split, tick_span
+from app.client.schedule import (
+    Timeline,
+    clip,
+    quiet_ticks,
+    second_count,
+    share,
+    split,
+    tick_span,
+)
 
 T0 = 1_795_000_000  # a wall-clock second of today's size: the arithmetic must not care
 
 
 def asked(second: int, qps: int, n: int, ticks: int, pacing: str = "even",
-          parts: int = 1) -> Counter:
+          parts: int = 1, quiet: int = 0) -> Counter:
     """Positions asked in ``second`` by a host of ``parts`` processes."""
     seen: Counter = Counter()
     for a, b in split(n, parts):
         for k in range(ticks):
-            start, count = tick_span(second, k, qps, n, ticks, pacing)
+            start, count = tick_span(second, k, qps, n, ticks, pacing, quiet)
             for lo, hi in clip(start, count, n, a, b):
                 seen.update(range(lo, hi))
     return seen
@@ -43,6 +51,24 @@ def test_even_ticks_sum_to_exactly_the_share(qps, n, ticks, dt):
     assert max(counts) - min(counts) <= 1  # even: no tick carries more than one extra
 
 
+@given(st.integers(0, 50_000), st.integers(1, 60_000), st.sampled_from([1, 10, 20, 100]),
+       st.integers(0, 999), st.integers(0, 10**6))
+def test_a_quiet_end_sends_nothing_and_the_rest_sum_to_the_share(qps, n, ticks, quiet_ms, dt):
+    quiet = quiet_ticks(ticks, quiet_ms)
+    counts = [tick_span(T0 + dt, k, qps, n, ticks, "even", quiet)[1] for k in range(ticks)]
+    assert sum(counts) == qps
+    active = counts[:ticks - quiet]
+    assert not any(counts[ticks - quiet:]) and max(active) - min(active) <= 1
+    # the last tick that sends starts at least quiet_ms before the second's end, unless
+    # that would leave no tick at all
+    assert quiet == ticks - 1 or (ticks - quiet) * 1000 <= (1000 - quiet_ms) * ticks
+
+
+def test_quiet_ticks_round_up_to_whole_ticks_and_leave_one():
+    assert [quiet_ticks(20, ms) for ms in (0, 1, 50, 51, 100, 999)] == [0, 1, 1, 2, 2, 19]
+    assert (quiet_ticks(100, 100), quiet_ticks(10, 100), quiet_ticks(1, 500)) == (10, 1, 0)
+
+
 def test_burst_sends_everything_in_the_first_tick():
     counts = [tick_span(T0, k, 700, 5000, 100, "burst")[1] for k in range(100)]
     assert counts[0] == 700 and sum(counts) == 700
@@ -50,10 +76,10 @@ def test_burst_sends_everything_in_the_first_tick():
 
 @settings(deadline=None)
 @given(st.integers(1, 3000), st.integers(1, 5000), st.integers(1, 6),
-       st.sampled_from(["even", "burst"]), st.integers(0, 10**6))
-def test_processes_together_send_the_window_exactly_once(qps, n, parts, pacing, dt):
+       st.sampled_from(["even", "burst"]), st.integers(0, 10**6), st.integers(0, 9))
+def test_processes_together_send_the_window_exactly_once(qps, n, parts, pacing, dt, quiet):
     second = T0 + dt
-    seen = asked(second, qps, n, 10, pacing, parts)
+    seen = asked(second, qps, n, 10, pacing, parts, quiet)
     assert sum(seen.values()) == qps
     start = second * qps % n
     expected = Counter((start + i) % n for i in range(qps))

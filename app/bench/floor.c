@@ -15,13 +15,14 @@
  *       hongbao's client workers). On SIGTERM writes
  *       "second shakes lag_us" lines (arrivals; the second's worst lateness)
  *       to OUT and exits.
- *   floor client PORT SOURCES FIRST COUNT TICKS RATE PROCS INDEX OUT
+ *   floor client PORT SOURCES FIRST COUNT TICKS RATE PROCS INDEX OUT [QUIET]
  *       COUNT connections (users FIRST..), source addresses SOURCES (comma
  *       separated, IP_BIND_ADDRESS_NO_PORT), at most RATE new attempts a
  *       second; prints "ready N" once all are logged in. Then reads one line
  *       "START QPS SECONDS [QPS SECONDS ...]" (fleet-wide QPS; this process
  *       sends share INDEX of PROCS) and sends, in TICKS wall-clock ticks a
- *       second, one write per request, the rotating window of the scheduler.
+ *       second, one write per request, the rotating window of the scheduler
+ *       (the last QUIET ticks of a second send nothing, as a worker's).
  *       At the end writes one JSON line per second to OUT: sent, answered
  *       (by the second the answer arrived, SO_TIMESTAMPNS, as hongbao's
  *       workers count) and the latency histogram in app.client.histogram's
@@ -339,6 +340,8 @@ static int client(int argc, char **argv) {
     double rate = atof(argv[7]);
     long procs = atol(argv[8]), index = atol(argv[9]);
     const char *out = argv[10];
+    long quiet = argc > 11 ? atol(argv[11]) : 0, active = ticks - quiet;
+    if (quiet < 0 || active < 1) return 2;
     raise_nofile();
     batch_scheduling();
     struct rlimit rl;
@@ -444,8 +447,8 @@ static int client(int argc, char **argv) {
                         if (second >= at && second < at + dur[ph]) q = share(qps[ph], procs, index);
                         at += dur[ph];
                     }
-                    if (!q) continue;
-                    long lo = kk * q / ticks, hi = (kk + 1) * q / ticks;
+                    if (!q || kk >= active) continue;
+                    long lo = kk * q / active, hi = (kk + 1) * q / active;
                     long pos0 = (second * q + lo) % n_host;
                     struct second *s = sec_at(second);
                     put64(frame + 4, (uint64_t)second);

@@ -37,6 +37,7 @@ from app import settings
 from app.bench import cpu
 from app.client.agent import PER_PROCESS
 from app.client.histogram import Histogram
+from app.client.schedule import quiet_ticks
 from app.local.runner import Service, niced, stop_services
 from app.local.summary import REQUIRED, TOLERANCE
 
@@ -110,9 +111,11 @@ class FloorRun:
     """One floor run: start, log everyone in, run the phases, read the figures."""
 
     def __init__(self, binary: Path, run_dir: Path, connections: int, hosts: int,
-                 ticks: int, server: ExternalServer | None = None, client_nice: int = 0) -> None:
+                 ticks: int, server: ExternalServer | None = None, client_nice: int = 0,
+                 quiet: int = 0) -> None:
         self.binary, self.dir = binary, run_dir
         self.connections, self.hosts, self.ticks = connections, hosts, ticks
+        self.quiet = quiet  # the last ticks of a second that send nothing, as hongbao's
         self.client_nice = client_nice  # as hongbao's co-located clients: the same scheduling
         self.external = server  # another server (hongbao's) instead of the C servers
         self.servers: list[Service] = []
@@ -163,7 +166,8 @@ class FloorRun:
             client = self._service(
                 f"client{g}", ["client", str(port), sources, str(first), str(n), str(self.ticks),
                                str(rate), str(len(layout)), str(g),
-                               str(self.dir / f"client{g}.jsonl")], "^ready", self.client_nice)
+                               str(self.dir / f"client{g}.jsonl"), str(self.quiet)], "^ready",
+                self.client_nice)
             self.clients.append(client)
             client.launch()
         for client in self.clients:  # every one logged in within connect_timeout, all told
@@ -232,7 +236,8 @@ class FloorRun:
 
 def measure(run_dir: Path, connections: int, hosts: int, phases: list[int], seconds: int,
             ticks: int, connect_timeout: float = 600,
-            server: ExternalServer | None = None, client_nice: int = 0) -> dict[str, Any]:
+            server: ExternalServer | None = None, client_nice: int = 0,
+            quiet_ms: int = 0) -> dict[str, Any]:
     """The floor's figures for this traffic, or the syscall floor without a compiler.
 
     With ``server``, only the floor's C clients run, against that server: what
@@ -247,7 +252,8 @@ def measure(run_dir: Path, connections: int, hosts: int, phases: list[int], seco
         return {"kind": "syscall floor (no C compiler)",
                 "phases": [{"target": q, "server_cpu_us_per_request": per,
                             "client_cpu_us_per_request": per} for q in phases]}
-    run = FloorRun(binary, run_dir, connections, hosts, ticks, server, client_nice)
+    run = FloorRun(binary, run_dir, connections, hosts, ticks, server, client_nice,
+                   quiet_ticks(ticks, quiet_ms))
     try:
         run.start(connect_timeout)
         spans = run.run_phases(phases, seconds)
@@ -267,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     args = settings.parse("floor_bench", argv, description=__doc__.splitlines()[0])
     with tempfile.TemporaryDirectory(prefix="floor-") as tmp:
         result = measure(Path(tmp), args.connections, args.hosts, list(args.phases),
-                         args.phase_seconds, args.ticks)
+                         args.phase_seconds, args.ticks, quiet_ms=args.quiet_ms)
     print(json.dumps(result, indent=2))
     return 0
 

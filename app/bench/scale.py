@@ -158,7 +158,8 @@ class ScaleRun:
         a = self.args
         self.fleet.start_hosts(a.connections, a.hosts, ADDRESS_CONNECTIONS, "scale",
                                nice=a.client_nice, timeout=120, pacing=a.pacing,
-                               ticks=a.ticks, connect_rate=max(1, a.connect_rate // a.hosts))
+                               ticks=a.ticks, quiet_ms=a.quiet_ms,
+                               connect_rate=max(1, a.connect_rate // a.hosts))
 
     def server_procs(self) -> list[psutil.Process]:
         server = self.fleet.server
@@ -433,7 +434,7 @@ def run_floor(args: settings.Config, out_dir: Path) -> dict[str, Any]:
              seconds)
     try:
         return floor.measure(out_dir, args.connections, args.hosts, args.phases, seconds,
-                             args.ticks, client_nice=args.client_nice)
+                             args.ticks, client_nice=args.client_nice, quiet_ms=args.quiet_ms)
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         log.warning("floor run failed: %s", exc)
         return {"kind": f"failed: {exc}", "phases": []}
@@ -460,7 +461,7 @@ def server_under_c_clients(args: settings.Config, run: ScaleRun) -> dict[str, An
              args.connections, args.phases)
     figures = floor.measure(Path(args.run_dir) / "c-clients", args.connections, args.hosts,
                             list(args.phases), args.phase_seconds, args.ticks,
-                            args.connect_timeout, server, args.client_nice)
+                            args.connect_timeout, server, args.client_nice, args.quiet_ms)
     stats = get_json(fleet.server_api, "/stats?seconds=0&audit=1", timeout=60, tries=3)
     ledger = ledger_check(stats.get("ledger", {}))
     phases = figures["phases"]
@@ -553,7 +554,7 @@ def print_table(result: dict[str, Any]) -> str:
     f = result
     lines = [f"hongbao scale: {f['target_connections']} connections target on {f['hosts']} "
              f"hosts, {f.get('sets')} SETs, phases {f['phases_planned']}, "
-             f"{f.get('ticks', '-')} ticks a second",
+             f"{f.get('ticks', '-')} ticks a second, the last {f.get('quiet_ms', 0)} ms quiet",
              f"hot path: {f.get('hot_path', '-')}",
              f"stopped by: {f['stopped_by'] or 'nothing (completed)'}", ""]
     held = f.get("held", {})
@@ -636,7 +637,7 @@ def inner(args: settings.Config) -> int:
     run = ScaleRun(args, run_dir)
     result: dict[str, Any] = {"target_connections": args.connections, "hosts": args.hosts,
                               "phases_planned": list(args.phases), "ticks": args.ticks,
-                              "run_dir": str(run_dir),
+                              "quiet_ms": args.quiet_ms, "run_dir": str(run_dir),
                               "netns": args.netns_name, "tcp_ehash_entries": tcp_ehash(),
                               "hot_path": hotpath.describe()}
 

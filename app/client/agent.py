@@ -143,7 +143,7 @@ class Agent(Arbiter[Child]):
         now_tick = int(time.time() * c.ticks)
         return {"index": child.index, "first": self.first, "n": self.n, "begin": child.begin,
                 "end": child.end, "server": list(c.server), "sources": list(c.source),
-                "ticks": c.ticks, "pacing": c.pacing,
+                "ticks": c.ticks, "pacing": c.pacing, "quiet_ms": c.quiet_ms,
                 "changes": self.timeline.upcoming(now_tick),
                 "connect_rate": c.connect_rate / len(self.children), "log_level": c.log_level}
 
@@ -310,7 +310,8 @@ class Agent(Arbiter[Child]):
         return {
             "host": self.host, "host_index": self.host_index, "hosts": self.hosts,
             "time": time.time(), "qps": self.qps, "pacing": self.config.pacing,
-            "ticks": self.config.ticks, "users": [self.first, self.first + self.n - 1],
+            "ticks": self.config.ticks, "quiet_ms": self.config.quiet_ms,
+            "users": [self.first, self.first + self.n - 1],
             "connections": self.connections, "target_connections": self.n,
             "per_second": seconds, "totals": self.totals, "results": self.results,
             "latency_ms": self.hist.summary((50, 90, 99, 99.9)),

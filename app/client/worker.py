@@ -51,7 +51,7 @@ from app.arbiter import EXIT_BOOT_ERROR, batch_scheduling
 from app.client import fastpath
 from app.client.fastpath import SERVED
 from app.client.histogram import Histogram
-from app.client.schedule import Timeline, clip, tick_span
+from app.client.schedule import Timeline, clip, quiet_ticks, tick_span
 from app.protocol import (
     ClaimResult,
     ClientSession,
@@ -174,6 +174,7 @@ class Worker:
         self.sources: list[str] = list(spec.get("sources") or [])
         self.ticks: int = spec["ticks"]
         self.pacing: str = spec["pacing"]
+        self.quiet = quiet_ticks(self.ticks, spec.get("quiet_ms", 0))  # the second's end: none
         # host QPS by tick: the change in effect now and later ones, each applied at its tick
         self.timeline = Timeline(spec.get("changes") or [(0, spec.get("qps", 0))])
         self.qps = 0
@@ -470,7 +471,8 @@ class Worker:
         second, k = divmod(tick, self.ticks)
         if k == 0:
             self.report(second - 1)
-        start, count = tick_span(second, k, self.qps, self.n, self.ticks, self.pacing)
+        start, count = tick_span(second, k, self.qps, self.n, self.ticks, self.pacing,
+                                 self.quiet)
         if not count:
             return
         conns, base, sent, skipped, busy = self.conns, self.begin, 0, 0, 0

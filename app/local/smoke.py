@@ -74,7 +74,7 @@ class Smoke:
         self.fleet.start_server(sets, ["--shake-budget", str(budget),
                                        "--target-connections", str(c.connections)])
         self.fleet.start_hosts(c.connections, c.hosts, PER_SOURCE, "smoke", pacing=c.pacing,
-                               ticks=c.ticks, connect_rate=c.connect_rate)
+                               ticks=c.ticks, quiet_ms=c.quiet_ms, connect_rate=c.connect_rate)
 
     def wait_logged_in(self) -> float:
         started = time.time()
