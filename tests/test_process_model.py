@@ -338,3 +338,72 @@ def test_a_worker_sends_its_second_before_the_quiet_end():
             b.close()
         worker.reactor.close()
         os.close(worker.stdin)
+
+
+def ticking_worker(read_end: int, ticks: int) -> Worker:
+    """A worker of no users at a rate: its pacer ticks (sending nothing) ``ticks`` a second."""
+    spec = {**agent_of().spec(agent_of().children[0]), "begin": 0, "end": 0, "qps": 50,
+            "changes": [(0, 50)], "ticks": ticks, "quiet_ms": 0}
+    return Worker(spec, control_fd=read_end)
+
+
+def test_a_ticking_pacer_sleeps_without_turning_the_hub_every_tick():
+    """20 ticks a second, not 20 hub wake-ups: the hub turns about once a second."""
+    read_end, write_end = os.pipe()
+    worker = ticking_worker(read_end, 20)
+    run = gevent.spawn(worker.run)
+    loop = gevent.get_hub().loop
+    try:
+        gevent.sleep(0.5)
+        assert not worker.reactor.watching  # ticking
+        ticks, turns = worker.last_tick, loop.iteration
+        gevent.sleep(3.0)  # back after ~3 s: the pacer turns the hub at every second's start
+        ticks, turns = worker.last_tick - ticks, loop.iteration - turns
+        assert ticks >= 50, ticks  # it kept ticking
+        assert turns <= 20, (turns, ticks)  # through the hub it was one turn a tick (>= 50)
+    finally:
+        run.kill()
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_a_ticking_pacer_still_wakes_a_greenlet_whose_socket_turns_ready():
+    """The pacer's sleep includes the hub's descriptor: gevent I/O is served at once,
+    not at the next tick (500 ms away here)."""
+    import threading
+
+    from gevent import socket as gsocket
+
+    read_end, write_end = os.pipe()
+    worker = ticking_worker(read_end, 2)
+    run = gevent.spawn(worker.run)
+    ours, theirs = gsocket.socketpair()
+    woke: list[float] = []
+    sent: list[float] = []
+
+    def reader() -> None:
+        ours.recv(1)
+        woke.append(time.time())
+
+    def writer() -> None:  # a real thread: the pacer blocks this one in its epoll
+        time.sleep(0.8)
+        sent.append(time.time())
+        os.write(theirs.fileno(), b"x")
+
+    greenlet = gevent.spawn(reader)
+    thread = threading.Thread(target=writer)
+    try:
+        gevent.sleep(0.1)
+        thread.start()
+        greenlet.join(timeout=5)
+        assert woke, "the reader was never woken"
+        assert not worker.reactor.watching  # the pacer was ticking all along
+        assert woke[0] - sent[0] < 0.2, woke[0] - sent[0]
+    finally:
+        thread.join()
+        greenlet.kill()
+        run.kill()
+        ours.close()
+        theirs.close()
+        os.close(read_end)
+        os.close(write_end)
