@@ -8,12 +8,14 @@ tested as the real process whose worker stops reporting.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import gevent
 import pytest
@@ -272,14 +274,15 @@ def test_a_late_report_counts_answers_by_the_second_they_were_read_in(capsys):
         (n, 40, 40), (n + 1, 12, 11), (n + 3, 5, 5)]
 
 
-def test_a_tick_sent_after_its_second_ended_is_counted_as_sent_late(capsys):
-    """What a late pacer sends cannot arrive within its second: the report says how much."""
+@contextlib.contextmanager
+def connected_worker(**spec: object) -> Iterator[Worker]:
+    """A worker at 3/s whose users are all logged in, each on one end of a socketpair."""
     import socket
 
     from app.client.worker import READY
     from app.protocol import ClientSession, Phase
 
-    spec = {**agent_of().spec(agent_of().children[0]), "qps": 3, "changes": [(0, 3)]}
+    spec = {**agent_of().spec(agent_of().children[0]), "qps": 3, "changes": [(0, 3)], **spec}
     worker = Worker(spec, control_fd=os.open(os.devnull, os.O_RDONLY))
     pairs = [socket.socketpair() for _ in worker.conns]
     try:
@@ -287,6 +290,18 @@ def test_a_tick_sent_after_its_second_ended_is_counted_as_sent_late(capsys):
             conn.fd, conn.state = ours.fileno(), READY
             conn.session = ClientSession(conn.userid)
             conn.session.phase = Phase.OPEN
+        yield worker
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+        worker.reactor.close()
+        os.close(worker.stdin)
+
+
+def test_a_tick_sent_after_its_second_ended_is_counted_as_sent_late(capsys):
+    """What a late pacer sends cannot arrive within its second: the report says how much."""
+    with connected_worker() as worker:
         ticks, second = worker.ticks, int(time.time()) - 10
         for k in range(ticks):  # a second whose ticks all ran after it had ended
             worker.run_tick(second * ticks + k, second + 1.2)
@@ -299,30 +314,11 @@ def test_a_tick_sent_after_its_second_ended_is_counted_as_sent_late(capsys):
         report = json.loads(capsys.readouterr().out.splitlines()[-1])
         assert (report["t"], report["sent"], report["sent_late"]) == (second, 3, 3)
         assert worker.sent == {second + 1: 3} and worker.sent_late == {}
-    finally:
-        for a, b in pairs:
-            a.close()
-            b.close()
-        worker.reactor.close()
-        os.close(worker.stdin)
 
 
 def test_a_worker_sends_its_second_before_the_quiet_end():
     """With ``quiet_ms`` the last ticks of a second send nothing; the others send it all."""
-    import socket
-
-    from app.client.worker import READY
-    from app.protocol import ClientSession, Phase
-
-    spec = {**agent_of().spec(agent_of().children[0]), "qps": 3, "changes": [(0, 3)],
-            "ticks": 20, "quiet_ms": 100}
-    worker = Worker(spec, control_fd=os.open(os.devnull, os.O_RDONLY))
-    pairs = [socket.socketpair() for _ in worker.conns]
-    try:
-        for conn, (ours, _) in zip(worker.conns, pairs, strict=True):
-            conn.fd, conn.state = ours.fileno(), READY
-            conn.session = ClientSession(conn.userid)
-            conn.session.phase = Phase.OPEN
+    with connected_worker(ticks=20, quiet_ms=100) as worker:
         assert worker.quiet == 2  # 100 ms of 50 ms ticks
         second = int(time.time()) - 10
         by_tick = []
@@ -332,12 +328,6 @@ def test_a_worker_sends_its_second_before_the_quiet_end():
             by_tick.append(worker.sent.get(second, 0) - before)
         assert sum(by_tick) == 3 and not any(by_tick[18:])  # all asked, none in the last 100 ms
         assert sum(1 for n in by_tick if n) == 3  # spread over the ticks that send
-    finally:
-        for a, b in pairs:
-            a.close()
-            b.close()
-        worker.reactor.close()
-        os.close(worker.stdin)
 
 
 def ticking_worker(read_end: int, ticks: int) -> Worker:
@@ -371,8 +361,6 @@ def test_a_ticking_pacer_still_wakes_a_greenlet_whose_socket_turns_ready():
     """The pacer's sleep includes the hub's descriptor: gevent I/O is served at once,
     not at the next tick (500 ms away here)."""
     import threading
-
-    from gevent import socket as gsocket
 
     read_end, write_end = os.pipe()
     worker = ticking_worker(read_end, 2)

@@ -126,3 +126,14 @@ def test_the_floor_bench_reads_the_one_settings_table():
     assert (config.phases, config.ticks, config.connections) == ((3000, 6000), 20, 20000)
     with pytest.raises(SystemExit):
         settings.parse("floor_bench", ["--hosts", "0"])
+
+
+@pytest.mark.parametrize("section", ["client", "smoke", "scale", "floor_bench"])
+def test_the_quiet_end_is_part_of_a_second_everywhere_it_paces(section):
+    """One setting of four sections: one name, HONGBAO_QUIET_MS, as ``pacing``."""
+    assert resolve(section, environ={}).quiet_ms == 100
+    env = "HONGBAO_QUIET_MS"
+    assert resolve(section, environ={env: "0"}).quiet_ms == 0
+    for bad in ("1000", "-1"):
+        with pytest.raises(SettingError, match="quiet_ms"):
+            resolve(section, environ={env: bad})

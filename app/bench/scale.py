@@ -554,7 +554,8 @@ def print_table(result: dict[str, Any]) -> str:
     f = result
     lines = [f"hongbao scale: {f['target_connections']} connections target on {f['hosts']} "
              f"hosts, {f.get('sets')} SETs, phases {f['phases_planned']}, "
-             f"{f.get('ticks', '-')} ticks a second, the last {f.get('quiet_ms', 0)} ms quiet",
+             f"{f.get('ticks', '-')} ticks a second"
+             + (f", the last {f['quiet_ms']} ms quiet" if f.get("quiet_ms") else ""),
              f"hot path: {f.get('hot_path', '-')}",
              f"stopped by: {f['stopped_by'] or 'nothing (completed)'}", ""]
     held = f.get("held", {})
