@@ -78,7 +78,7 @@ def quiet_ticks(ticks: int, quiet_ms: int) -> int:
     within it; a skewed client clock does the same on a real fleet. Measured
     at 200k connections and 60,000/s (README, Benchmarks): with the last
     tick 50 ms before the second's end the clients sent 7,600-11,700 of a
-    30 s phase's requests after their second, with 100 ms quiet 200-400.
+    30 s phase's requests after their second, with 100 ms quiet 200-2,000.
     """
     return min(ticks - 1, max(0, -(-quiet_ms * ticks // 1000)))
 
