@@ -322,12 +322,12 @@ def test_a_woken_reactor_waits_its_coalescing_time_before_it_reads(start):
     assert batches[0] == ours_fds
 
 
-def test_a_clocked_reactor_wakes_the_hub_for_its_sockets_and_turns_it_every_tick():
+def test_a_clocked_reactor_wakes_the_hub_for_its_sockets_and_turns_it_on_its_timer_ticks():
     """Blocking in its own epoll, the SET's loop still serves the greenlets that wait in
     gevent's hub: a socket one of them waits on wakes it at once (the hub's descriptor is
-    in the reactor's epoll), not at the next tick; and the hub's timers run at least once
-    a tick; ticks come in order, none skipped on an idle loop, and the dispatcher never
-    sees the hub's descriptor."""
+    in the reactor's epoll), not at the next tick; the hub's timers run after every tick
+    (``timer_ticks`` 1) or only after every ``timer_ticks``-th; ticks come in order, none
+    skipped on an idle loop, and the dispatcher never sees the hub's descriptor."""
     import socket
     import threading
 
@@ -369,3 +369,21 @@ def test_a_clocked_reactor_wakes_the_hub_for_its_sockets_and_turns_it_every_tick
     assert len(slept) == 10
     assert len(ticks) >= 5 and ticks == list(range(ticks[0], ticks[0] + len(ticks)))
     assert seen == []
+
+    # timer_ticks: the hub's timers run only after the ticks that are its multiples
+    ticks.clear()
+    r = reactor_module.Reactor(lambda events: None)
+    r.start_clocked(0.02, lambda tick, late: ticks.append(tick), timer_ticks=4)
+    woke_after: list[int] = []
+
+    def sleep_often() -> None:
+        for _ in range(6):
+            gevent.sleep(0.005)
+            woke_after.append(ticks[-1] if ticks else -1)
+
+    sleeper = gevent.spawn(sleep_often)
+    sleeper.join(timeout=5)
+    r.close()
+    assert len(woke_after) == 6
+    assert all(t % 4 == 0 for t in woke_after), woke_after  # no turn after the others
+    assert any(t % 4 for t in ticks)  # the other ticks ran, without a turn
