@@ -58,6 +58,7 @@ from app.local.summary import (
     Phase,
     build_seconds,
     ledger_check,
+    percent,
     phase_summary,
     served,
     verdict,
@@ -489,8 +490,8 @@ def c_client_lines(result: dict[str, Any]) -> list[str]:
         theirs = floor_server.get(r["target"])
         ratio = (f"{r['server_cpu_us_per_request'] / theirs:.2f}x" if theirs else "-")
         lines.append(fmt.format(
-            r["target"], f"{100 * r['server_arrival_within']:.0f}%",
-            f"{100 * r['client_answered_within']:.0f}%", r.get("latency_p50_ms", "-"),
+            r["target"], percent(r["server_arrival_within"]),
+            percent(r["client_answered_within"]), r.get("latency_p50_ms", "-"),
             r.get("latency_p99_ms", "-"), r["server_cpu_us_per_request"],
             r["client_cpu_us_per_request"], r.get("machine_cpu_percent", "-"), ratio))
         if not r["passed"]:
@@ -530,12 +531,9 @@ def floor_lines(result: dict[str, Any]) -> list[str]:
     for r in fl["phases"]:
         ratio = ours.get(r["target"], {}).get("floor_ratio")
         ratio = "-" if ratio is None else f"{ratio:.2f}x"
-
-        def pct(key: str, row: dict[str, Any] = r) -> str:
-            return "-" if row.get(key) is None else f"{100 * row[key]:.0f}%"
-
-        lines.append(fmt.format(r["target"], pct("server_arrival_within"),
-                                pct("client_answered_within"), r.get("latency_p50_ms", "-"),
+        lines.append(fmt.format(r["target"], percent(r.get("server_arrival_within")),
+                                percent(r.get("client_answered_within")),
+                                r.get("latency_p50_ms", "-"),
                                 r.get("latency_p99_ms", "-"), r["server_cpu_us_per_request"],
                                 r["client_cpu_us_per_request"], r.get("machine_cpu_percent", "-"),
                                 "-" if r.get("loop_lag_max_ms") is None
@@ -593,15 +591,12 @@ def print_table(result: dict[str, Any]) -> str:
                  "SETs' worst loop lag, cli lag: the latest client pacer (sends that late)")
     lines.append(fmt.format(*head))
 
-    def pct(x: float | None) -> str:
-        return "-" if x is None else f"{100 * x:.0f}%"
-
     for r in f.get("phases", []):
         within, answered = r.get("server_within"), r.get("client_within")
         r = {k: "-" if v is None else round(v, 1) if isinstance(v, float) else v
              for k, v in r.items()}
         lines.append(fmt.format(
-            r["phase"], r["target"], r["server_qps"], pct(within), pct(answered),
+            r["phase"], r["target"], r["server_qps"], percent(within), percent(answered),
             r.get("latency_p50_ms") or "-", r.get("latency_p99_ms") or "-",
             r.get("latency_p999_ms") or "-", r.get("server_cpu_us_per_request", "-"),
             r.get("client_cpu_us_per_request", "-"), r.get("server_cpu_percent", "-"),
