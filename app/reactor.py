@@ -56,7 +56,9 @@ class Reactor:
     queued writes once per loop turn.
 
     ``coalesce`` (seconds): once the epoll turns readable the whole process
-    sleeps that long before it polls, so what arrives meanwhile is one batch:
+    sleeps that long before it polls (``start``; ``start_clocked`` reads at
+    the next wall-clock slot of that length instead, see ``_run_clocked``),
+    so what arrives meanwhile is one batch:
     at most 1/coalesce wake-ups a second however many peers write at
     different moments (68 client processes and 51 SETs woke each other tens
     of thousands of times a second). Before the first poll, not after each
@@ -174,44 +176,78 @@ class Reactor:
         tick (its timers run then: on time if due on that tick, else up to
         ``timer_ticks`` periods late; a turn costs ~60-100 µs on the loaded
         box, and a SET's only timers are due on the second and the half);
-        ticks run inline, with no greenlet of
-        their own. A turn is ``gevent.idle()``: the hub polls without
-        blocking and returns once nothing else is pending, the greenlets its
-        sockets woke having run (``gevent.sleep(1e-4)`` blocked ~1 ms in
-        libev's poll, a second wake-up per tick; a zero timer fired before
-        the woken greenlets ran). Coalescing as in ``_run``, but never past
-        the next tick.
+        ticks run inline, with no greenlet of their own. A turn is
+        ``gevent.idle()``: the hub polls without blocking and returns once
+        nothing else is pending, the greenlets its sockets woke having run
+        (``gevent.sleep(1e-4)`` blocked ~1 ms in libev's poll, a second
+        wake-up per tick; a zero timer fired before the woken greenlets ran).
+
+        Coalescing here is by slots of the wall clock, ``coalesce`` long,
+        each starting half a slot after a multiple of ``coalesce``: once a
+        socket is readable the sockets are read at the next slot start, and
+        while reads find something the next read is simply the next slot
+        start, without a wake-up on the sockets in between (only the hub's
+        descriptor is watched then). So a loaded SET wakes once a slot, not
+        twice (woken, then gathering); an idle one wakes only for its ticks.
+        The clients tick on whole multiples of the slot (10 or 20 ticks a
+        second; ``auto_coalesce_ms``), so a read comes half a slot after the
+        burst of a tick starts, not at its first byte.
         """
-        hub_event = (get_hub().loop.fileno(), select.EPOLLIN)
-        self.epoll.register(hub_event[0], select.EPOLLIN)
+        hub_fd = get_hub().loop.fileno()
+        hub_event = (hub_fd, select.EPOLLIN)
+        self.epoll.register(hub_fd, select.EPOLLIN)
+        hub_only = select.epoll()  # the wait while gathering: the hub's I/O, no socket
+        hub_only.register(hub_fd, select.EPOLLIN)
         try:
             due = (int(time.time() / period) + 1) * period
+            read_at: float | None = None  # None: read when a socket turns readable
             while True:
-                wait = due - time.time()
-                if wait > 0 and self.epoll.poll(wait, 1):
-                    if self.coalesce:
-                        time.sleep(max(0.0, min(self.coalesce, due - time.time())))
-                    full = True
-                    while full:
-                        events = self.epoll.poll(0, MAX_EVENTS)
-                        full = len(events) == MAX_EVENTS
-                        hub_ready = hub_event in events
-                        if hub_ready:
-                            events.remove(hub_event)  # not the dispatcher's
-                        self._dispatch_batch(events)
-                        if hub_ready or full:  # after a full batch too: the others run
-                            gevent.idle()  # before the next one
-                    continue
                 now = time.time()
-                if now < due:
+                if read_at is not None and now >= read_at:
+                    found = self._read_ready(hub_event)
+                    read_at = self._next_slot(time.time()) if found and self.coalesce else None
                     continue
-                tick = round(due / period)
-                on_tick(tick, now - due)
-                due = (int(time.time() / period) + 1) * period  # a late turn makes the next late
-                if tick % timer_ticks == 0:
-                    gevent.idle()  # the hub's timers
+                if now >= due:
+                    tick = round(due / period)
+                    on_tick(tick, now - due)
+                    # from now, not from the tick: a late turn makes the next one late
+                    due = (int(time.time() / period) + 1) * period
+                    if tick % timer_ticks == 0:
+                        gevent.idle()  # the hub's timers
+                    continue
+                if read_at is None:
+                    ready = self.epoll.poll(due - now, 1)
+                    if ready == [hub_event]:
+                        gevent.idle()  # the hub's I/O (control, accepts) is not gathered
+                    elif ready:
+                        read_at = self._next_slot(time.time()) if self.coalesce else 0.0
+                elif hub_only.poll(min(due, read_at) - now, 1):
+                    gevent.idle()  # the hub has I/O: its greenlets run, the gathering goes on
         finally:
-            self.unregister(hub_event[0])
+            hub_only.close()
+            self.unregister(hub_fd)
+
+    def _next_slot(self, now: float) -> float:
+        """The first slot start after ``now``: ``(k + 1/2) * coalesce`` for a whole ``k``."""
+        half = self.coalesce / 2
+        return (int((now - half) / self.coalesce) + 1) * self.coalesce + half
+
+    def _read_ready(self, hub_event: tuple[int, int]) -> int:
+        """Dispatch every socket event ready now (the hub gets a turn if it has I/O);
+        return how many there were."""
+        found = 0
+        full = True
+        while full:
+            events = self.epoll.poll(0, MAX_EVENTS)
+            full = len(events) == MAX_EVENTS
+            hub_ready = hub_event in events
+            if hub_ready:
+                events.remove(hub_event)  # not the dispatcher's
+            found += len(events)
+            self._dispatch_batch(events)
+            if hub_ready or full:  # after a full batch too: the others run
+                gevent.idle()  # before the next one
+        return found
 
     def _run(self) -> None:
         hub = get_hub()

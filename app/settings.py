@@ -175,9 +175,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("fd_reserve", _positive, "256", "descriptors a SET keeps free for itself", S),
     Setting("journal_dir", str, "var/journal", "directory of the SET journals", S),
     Setting("login_timeout", _seconds, "10", "seconds a new connection has to LOGIN", S),
-    Setting("coalesce_ms", _coalesce, "auto", "ms a SET waits, once woken, before it reads: "
-            "fewer, larger batches for that much latency; 'auto': longer the more SETs share "
-            "the machine (see README: SETs)", S),
+    Setting("coalesce_ms", _coalesce, "auto", "ms of the wall-clock slots a SET reads its "
+            "sockets in (at the next slot start once one is readable): fewer, larger batches "
+            "for up to that much latency; 'auto': longer the more SETs share the machine "
+            "(see README: SETs)", S),
     Setting("durability", _choice("written", "fdatasync"), "written",
             "answers wait for their journal write, or also its fdatasync (see README)", S + BS),
     Setting("shake_budget", _positive, "100000", "server-wide SHAKEs per second before 17",

@@ -387,3 +387,56 @@ def test_a_clocked_reactor_wakes_the_hub_for_its_sockets_and_turns_it_on_its_tim
     assert len(woke_after) == 6
     assert all(t % 4 == 0 for t in woke_after), woke_after  # no turn after the others
     assert any(t % 4 for t in ticks)  # the other ticks ran, without a turn
+
+
+def test_a_clocked_reactor_wakes_once_a_slot_when_loaded_and_only_for_its_ticks_when_idle():
+    """The SET's coalescing by wall-clock slots (``Reactor._run_clocked``): under a steady
+    trickle each read is one wake-up (a sleep to the next slot start), not two (woken by
+    the first byte, then a gathering sleep); idle, the slots cost no wake-up at all.
+    Wake-ups are this thread's voluntary context switches; the writer is another process
+    (a thread would add switches of its own, for the GIL)."""
+    import resource
+    import socket
+    import subprocess
+    import sys
+
+    from app import reactor as reactor_module
+
+    def switches() -> int:
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+
+    ours, theirs = socket.socketpair()
+    batches: list[int] = []
+    r = reactor_module.Reactor(lambda events: batches.append(len(os.read(ours.fileno(), 4096))),
+                               coalesce=0.05)
+    r.register(ours.fileno())
+    ticks: list[int] = []
+    r.start_clocked(0.5, lambda tick, late: ticks.append(tick))  # the test's sleeps end at ticks
+    trickle = ("import os, sys, time\n"
+               "end = time.time() + 1.0\n"
+               "while time.time() < end:\n"
+               "    os.write(int(sys.argv[1]), b'x')\n"
+               "    time.sleep(0.005)\n")
+    gevent.sleep(0)
+    before = switches()
+    writer = subprocess.Popen([sys.executable, "-c", trickle, str(theirs.fileno())],
+                              pass_fds=[theirs.fileno()])
+    try:
+        while writer.poll() is None:
+            gevent.sleep(0.1)
+    finally:
+        writer.kill()
+        writer.wait()
+    loaded = switches() - before
+    reads, loaded_ticks = len(batches), len(ticks)
+    gevent.sleep(0.2)  # the last bytes read, then quiet
+    before = switches()
+    gevent.sleep(1.0)
+    idle, idle_ticks = switches() - before, len(ticks) - loaded_ticks
+    r.close()
+    ours.close()
+    theirs.close()
+    assert reads >= 10 and sum(batches) > 2 * reads  # several bytes gathered in each read
+    # one wake-up a read (the old way: two) or a tick
+    assert loaded <= reads + loaded_ticks + 2, (loaded, reads, loaded_ticks)
+    assert idle <= idle_ticks + 2, (idle, idle_ticks)  # no slot wakes an idle reactor

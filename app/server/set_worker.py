@@ -77,8 +77,8 @@ from app.server.transport import HOT, Conn, Transport
 
 log = logging.getLogger("hongbao.set")
 
-COALESCE_FEW_MS, COALESCE_MANY_MS = 8, 16  # auto_coalesce_ms
-MANY_SETS = 24  # between 11 (200k connections: 8 ms best) and 51 (1M: 16 ms best)
+COALESCE_FEW_MS, COALESCE_MANY_MS = 10, 50  # auto_coalesce_ms
+MANY_SETS = 24  # between 11 (200k connections) and 51 (1M)
 # A SET's only timers: housekeeping on the second, the statsd flush FLUSH_PHASE
 # after it. Its clocked loop turns the hub after those ticks only (Reactor.start_clocked).
 TIMER_TICKS = round(GEN_TICKS * FLUSH_PHASE)
@@ -89,17 +89,17 @@ LoggedIn = p.LoggedIn  # a module name: looked up once per general-path read
 
 
 def auto_coalesce_ms(sets: int) -> int:
-    """How long a woken SET waits before it reads when ``coalesce_ms`` is 'auto'.
+    """The SETs' read slot (``Reactor._run_clocked``) when ``coalesce_ms`` is 'auto'.
 
-    Each wake-up of a SET costs ~60 µs on a box shared by many processes
-    (their caches evict each other's), so the more SETs share a machine the
-    longer each gathers. 8 ms keeps a few SETs under the 10 ms loop-lag
-    budget (the wait blocks their timers); measured at 1M connections (51
-    SETs, 30,000/s): 2 ms -> 9,600 SET wake-ups a second and 30-31 µs a
-    request, 8 ms -> 4,500 and 24.6-25.2 µs, 16 ms -> 2,800 and 20.6-22.1
-    µs; 24 ms was no cheaper than 16 (20.4 against 20.0 µs, both with the
-    clients at 10 ticks) for a p50 of 25.6 ms against 19.5 (README:
-    Benchmarks).
+    Each wake-up of a SET costs tens of µs on a box shared by many
+    processes (their caches evict each other's), so the more SETs share a
+    machine the longer each gathers. Both values are whole divisors of the
+    clients' tick (50 ms at 20 ticks, 100 at 10). Measured with the slots
+    (README: Benchmarks): at 200k connections (11 SETs) 8 and 10 ms gave
+    the same CPU and p99 (17.4-19.5 ms at 30,000/s, 69.6-86.0 at 60,000/s);
+    at 1M (51 SETs, 30,000/s) 16 ms cost 22.3 µs a request at ~3,150 SET
+    wake-ups a second, 25 ms 20.2 at ~2,460 and 50 ms 19.4-19.9 at ~1,650,
+    for a p50 of 13.8, 15.9 and 25.6-27.6 ms.
     """
     return COALESCE_FEW_MS if sets <= MANY_SETS else COALESCE_MANY_MS
 
