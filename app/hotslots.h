@@ -21,6 +21,15 @@
 
 #define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
 
+/* The wall clock in seconds, as time.time() reads it. */
+static double
+wall_clock(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
 /* The offset of slot ``name`` in instances of ``type``; -1 with an exception set. */
 static Py_ssize_t
 slot_offset(PyTypeObject *type, const char *name)

@@ -258,17 +258,23 @@ def test_send_shakes_asks_each_user_under_the_closed_loop(sockets):
             else:
                 conn.out += data
 
+        before = time.time()
         result = impl.send_shakes(conns, SECOND, 7.5, 10, 3, send)
+        after = time.time()
+
+        def sent_at(conn, before=before, after=after):  # the write's own time, not the tick's
+            return "at its write" if before <= conn.sent_at <= after else conn.sent_at
+
         received = [peer.recv(100) if i in (0, 5) else None for i, (_, peer) in enumerate(made)]
-        outcomes.append((result, [(c.sent_at, c.asks, c.asked, c.out) for c in conns], calls,
+        outcomes.append((result, [(sent_at(c), c.asks, c.asked, c.out) for c in conns], calls,
                          received))
         capped = impl.send_shakes([client_conn(sockets, 200)[0]], SECOND, 7.5, 4, 4, send)
         outcomes[-1] += (capped,)
     assert outcomes[0] == outcomes[1]
     result, fields, calls, received, capped = outcomes[0]
     assert result == (3, 2, 1, 6)  # sent 0, 3, 5; skipped 2, 4; busy 1; 3 more outstanding
-    assert fields[0] == (7.5, 1, SECOND, b"") and fields[1] == (5.0, 0, 0, b"")
-    assert fields[3] == (7.5, 1, SECOND, b"q" + shake(103))
+    assert fields[0] == ("at its write", 1, SECOND, b"") and fields[1] == (5.0, 0, 0, b"")
+    assert fields[3] == ("at its write", 1, SECOND, b"q" + shake(103))
     assert [c[:2] for c in calls] == [(103, shake(103)), (104, shake(104))]
     assert received[0] == shake(100) and received[5] == shake(105)
     assert capped == (0, 0, 1, 4)  # the process is already cap answers behind

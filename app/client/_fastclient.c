@@ -132,6 +132,7 @@ send_shakes(PyObject *self, PyObject *args)
             continue;
         }
         put_u32(frame + 12, (uint32_t)PyLong_AsUnsignedLongMask(SLOT(conn, off_userid)));
+        double at = wall_clock();  /* this request's send time, not the tick's */
         Py_ssize_t done = -1;
         if (slot_empty_bytes(conn, off_out)) {
             long fd = PyLong_AsLong(SLOT(conn, off_fd));
@@ -160,7 +161,10 @@ send_shakes(PyObject *self, PyObject *args)
                 continue;
             }
         }
-        slot_set(conn, off_sent_at, nowobj);
+        PyObject *atobj = PyFloat_FromDouble(at);
+        if (atobj == NULL)
+            goto fail;
+        slot_steal(conn, off_sent_at, atobj);
         outstanding++;
         PyObject *asks = PyNumber_Add(SLOT(conn, off_asks), one);
         if (asks == NULL)

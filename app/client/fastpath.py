@@ -8,7 +8,10 @@ way (the session, ``Worker.send``, ``Worker._frames``):
   user not connected is skipped, a user whose previous SHAKE is unanswered
   (or a process already ``cap`` answers behind) is busy; returns
   ``(sent, skipped, busy, outstanding)``. A socket that does not take the
-  frame at once goes through ``send(conn, rest, now)``.
+  frame at once goes through ``send(conn, rest, now)``. A request's
+  ``sent_at`` is the wall clock just before its write, not the tick's
+  ``now``: a worker preempted in the middle of a tick (niced, on the
+  server's box) would otherwise add its own wait to the server's latency.
 - ``read_answers(events, by_fd, size, now, hist, results, by_second, served)``
   reads every plain connection that is ready; answers made only of
   SHAKE_RESULTs are counted at once (``results`` by code, ``by_second`` by
@@ -36,6 +39,7 @@ import os
 import select
 import struct
 import sys
+from time import time
 from types import ModuleType
 
 from app import hotpath
@@ -68,6 +72,7 @@ def send_shakes(conns: list, second: int, now: float, cap: int, outstanding: int
             busy += 1
             continue
         frame = _SHAKE.pack(16, 2, second, conn.userid)
+        at = time()  # this request's send time, not the tick's (the module docstring)
         try:  # the common case: nothing queued, the socket takes it all
             done = -1 if conn.out else write(conn.fd, frame)
         except OSError:
@@ -75,7 +80,7 @@ def send_shakes(conns: list, second: int, now: float, cap: int, outstanding: int
         if done != len(frame):
             send(conn, frame[max(done, 0):], now)
         if conn.state == ready:
-            conn.sent_at = now
+            conn.sent_at = at
             outstanding += 1
             conn.asks += 1
             conn.asked = second
