@@ -457,8 +457,9 @@ static int client(int argc, char **argv) {
                         struct cconn *c = &cc[i];
                         if (c->state != READY) continue;
                         put32(frame + 12, (uint32_t)(first_user + i));
+                        double sent_at = now_s();  /* at the write, as hongbao's workers */
                         if (write(c->fd, frame, 16) != 16) continue;
-                        if (!c->nout++) c->t0 = t;
+                        if (!c->nout++) c->t0 = sent_at;
                         if (s) s->sent++;
                     }
                 }
