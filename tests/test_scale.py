@@ -86,8 +86,10 @@ def test_bounded_scale_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_ramp_retries_a_failing_step_once_then_stops(tmp_path):
-    """--ramp: each step judged before the next starts; a failing step is tried twice.
+@pytest.mark.parametrize("steps", ["4", "1"])
+def test_the_ramp_retries_a_failing_step_once_then_stops(tmp_path, steps):
+    """--ramp: each step judged before the next starts; a failing step is tried twice,
+    the last step allowed too (``--ramp-steps 1``).
 
     3,000 users cannot be asked 100,300 times a second (one SHAKE in flight
     per user): that step fails both times, and the ramp reports 300/s, the
@@ -95,7 +97,7 @@ def test_the_ramp_retries_a_failing_step_once_then_stops(tmp_path):
     """
     run_dir = tmp_path / "ramp"
     cmd = [sys.executable, "-m", "app.bench", "scale", "--connections", "3000", "--hosts", "2",
-           "--phases", "300", "--ramp", "100000", "--ramp-steps", "4", "--hold", "0",
+           "--phases", "300", "--ramp", "100000", "--ramp-steps", steps, "--hold", "0",
            "--phase-seconds", "4", "--floor", "no", "--netns", "no", "--run-dir", str(run_dir)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     result = json.loads((run_dir / "result.json").read_text())

@@ -134,7 +134,8 @@ def test_a_backlog_fails_by_arrival_although_every_second_was_scheduled_exactly(
     assert late["scheduled_within"] == 1.0
     assert late["scheduled_counted"] == late["scheduled_sent"] == 9000
     assert late["server_within"] == 3 / 8 and late["server_qps"] == 1000.0
-    assert late["reasons"][0].startswith("60%: the server served 1,000/s ±2% in 3 of 8 steady seconds (37.5%;")
+    assert late["reasons"][0].startswith(
+        "60%: the server served 1,000/s ±2% in 3 of 8 steady seconds (37.5%;")
 
 
 def test_p99_over_100_ms_fails_a_phase_served_on_time():

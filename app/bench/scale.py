@@ -288,7 +288,8 @@ class ScaleRun:
                 failures = 0 if passed else failures + 1
                 if passed:
                     ramp["highest_passing"] = last.target
-                if failures >= RAMP_ATTEMPTS or steps >= a.ramp_steps:
+                # the last step too gets its retry: out of steps only once one passed
+                if failures >= RAMP_ATTEMPTS or (passed and steps >= a.ramp_steps):
                     if not passed:
                         ramp["first_failing"], ramp["why"] = last.target, reasons
                     self.fleet.set_total(0, int(now) + 1)
