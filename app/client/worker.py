@@ -47,7 +47,6 @@ from typing import Any
 
 import gevent
 from gevent.event import Event
-from gevent.hub import get_hub
 
 from app.arbiter import EXIT_BOOT_ERROR, batch_scheduling
 from app.client import fastpath
@@ -63,7 +62,17 @@ from app.protocol import (
     ShakeCode,
     ShakeResult,
 )
-from app.reactor import READ, READ_WRITE, SO_TIMESTAMPNS, Reactor, close_fd, read_some, write_some
+from app.reactor import (
+    READ,
+    READ_WRITE,
+    SO_TIMESTAMPNS,
+    Reactor,
+    close_fd,
+    hub_epoll,
+    read_some,
+    sleep_serving_hub,
+    write_some,
+)
 
 log = logging.getLogger("hongbao.client.worker")
 
@@ -538,21 +547,15 @@ class Worker:
                 self._expire_logins(now)
 
     def _block_until(self, deadline: float) -> None:
-        """Sleep to the tick ``deadline`` in one blocking call, not through the gevent hub.
+        """Sleep to the tick ``deadline`` without a wake-up through the gevent hub.
 
-        Why: on the loaded box a wake-up through the hub (libev's poll, a
-        timer, two greenlet switches) cost a process ~100 µs of CPU against
-        ~40 for a plain blocking sleep (``perf stat`` of 500-wake-up loops),
-        and a ticking worker wakes 10-20 times a second for nothing else
-        (the SETs' clocked loop, ``Reactor.start_clocked``, for the same
-        reason). The wait is an epoll on the hub's own descriptor, so a
-        gevent socket that turns ready still gets its greenlet run at once;
-        the hub's timers and callbacks (nothing of the worker's own while it
-        ticks) run at the first tick of every second.
+        A ticking worker wakes 10-20 times a second for nothing else (see
+        ``app.reactor.sleep_serving_hub``); a gevent socket that turns ready
+        still gets its greenlet run at once, and the hub's timers and
+        callbacks (nothing of the worker's own while it ticks) run at the
+        first tick of every second.
         """
-        while (wait := deadline - time.time()) > 0:
-            if self.hub_poll.poll(wait, 1):
-                gevent.idle()  # the hub has I/O: its greenlets run, then the sleep goes on
+        sleep_serving_hub(self.hub_poll, deadline)
         if round(deadline * self.ticks) % self.ticks == 0:
             gevent.idle()
 
@@ -573,8 +576,7 @@ class Worker:
         """Serve until told to stop (0) or until one of our greenlets dies (``EXIT_DIED``)."""
         os.set_blocking(self.stdin, False)
         self.reactor.register(self.stdin, READ)
-        self.hub_poll = select.epoll()  # the pacer's sleep (_block_until)
-        self.hub_poll.register(get_hub().loop.fileno(), select.EPOLLIN)
+        self.hub_poll = hub_epoll()  # the pacer's sleep (_block_until)
         self._watch(True)
         self.pacer = pacer = gevent.spawn(self.pace)
         pacer.name = "pacer"
