@@ -19,6 +19,7 @@ import pytest
 from app.bench import floor, scale
 from app.client.agent import PER_PROCESS
 from app.local.runner import ROOT
+from app.local.summary import loop_lag_seconds
 
 
 def test_client_layout_splits_hosts_like_the_agent():
@@ -42,9 +43,12 @@ def test_attach_floor_gives_each_phase_the_floor_and_the_ratio():
                           "client_cpu_us_per_request": 15.0},
                          {"target": 60000, "server_cpu_us_per_request": 12.0,
                           "client_cpu_us_per_request": None}],
-              "floor": {"kind": "C", "phases": [
+              "floor": {"kind": "C", "group": {"pushed": 3000, "claims": 3000,
+                                                "claims_served": 3000, "claimed": 2999},
+                        "phases": [
                   {"target": 30000, "server_cpu_us_per_request": 11.0,
-                   "client_cpu_us_per_request": 9.0, "loop_lag_max_ms": 37.46},
+                   "client_cpu_us_per_request": 9.0, "loop_lag_max_ms": 37.46,
+                   **loop_lag_seconds([37.46, 4.0, 9.9, 10.0, 2.5])},
                   {"target": 60000, "server_cpu_us_per_request": 10.0,
                    "client_cpu_us_per_request": 8.0}]}}
     scale.attach_floor(result)
@@ -54,16 +58,22 @@ def test_attach_floor_gives_each_phase_the_floor_and_the_ratio():
     assert "floor_ratio" not in second  # hongbao's client side was not measured
     table = "\n".join(scale.floor_lines(result))
     assert "1.50x" in table
-    row_30k, row_60k = table.splitlines()[-2:]
+    # the floor carried the group traffic too, and says how much
+    assert table.splitlines()[1].endswith("C; group envelopes pushed 3,000, claims sent 3,000, "
+                                          "served 3,000, answered 2,999")
+    row_30k, row_60k, lags = table.splitlines()[-3:]
     assert row_30k.split()[-2:] == ["37.5", "1.50x"]  # the C server's loop lag, then the ratio
     assert row_60k.split()[-2:] == ["-", "-"]
+    # each second by its worst tick: 4.0, 9.9 and 2.5 ms are under 10 ms, 10.0 is not
+    assert lags.endswith("30000 3 of 5 s under 10 ms (median 9.9 ms), 60000 -"), lags
 
 
 @pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler")
 def test_floor_serves_every_second_exactly(tmp_path):
     # with the bench's quiet end (the last two of 20 ticks send nothing): still exact
+    # and the bench's group traffic: 30 envelopes a second pushed, each to three users
     result = floor.measure(tmp_path, connections=3000, hosts=3, phases=[1500], seconds=4,
-                           ticks=20, connect_timeout=60, quiet_ms=100)
+                           ticks=20, connect_timeout=60, quiet_ms=100, groups_per_s=30)
     assert result["kind"].startswith("C epoll floor")
     assert result["processes"] == {"servers": 1, "clients": 3}
     (phase,) = result["phases"]
@@ -73,8 +83,11 @@ def test_floor_serves_every_second_exactly(tmp_path):
     assert phase["server_cpu_us_per_request"] > 0 and phase["client_cpu_us_per_request"] > 0
     # the C server's 10 timer ticks a second woke it in every second, each a little late
     assert 0 < phase["loop_lag_max_ms"] < 1000
+    # and each of the phase's seconds counted against the 10 ms target
+    assert phase["loop_lag_seconds"] >= 4
+    assert 0 <= phase["loop_lag_under_target"] <= phase["loop_lag_seconds"]
     seconds = [line.split() for line in (tmp_path / "server0.txt").read_text().splitlines()]
-    assert all(len(fields) == 3 and int(fields[2]) > 0 for fields in seconds)
+    assert all(len(fields) == 5 and int(fields[2]) > 0 for fields in seconds)
     # every request sent in a steady second was answered: the clients' own records
     sent = answered = 0
     for path in tmp_path.glob("client*.jsonl"):
@@ -83,6 +96,10 @@ def test_floor_serves_every_second_exactly(tmp_path):
             sent += record["sent"]
             answered += record["answered"]
     assert sent == answered == 1500 * 4
+    # every push claimed, every claim served and answered: the counts of three programs
+    group = result["group"]
+    assert group["pushed"] > 0 and group["pushed"] % 3 == 0  # three recipients each
+    assert group["pushed"] == group["claims"] == group["claims_served"] == group["claimed"], group
 
 
 @pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler")

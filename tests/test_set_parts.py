@@ -389,12 +389,11 @@ def test_a_clocked_reactor_wakes_the_hub_for_its_sockets_and_turns_it_on_its_tim
     assert any(t % 4 for t in ticks)  # the other ticks ran, without a turn
 
 
-def test_a_clocked_reactor_wakes_once_a_slot_when_loaded_and_only_for_its_ticks_when_idle():
-    """The SET's coalescing by wall-clock slots (``Reactor._run_clocked``): under a steady
-    trickle each read is one wake-up (a sleep to the next slot start), not two (woken by
-    the first byte, then a gathering sleep); idle, the slots cost no wake-up at all.
-    Wake-ups are this thread's voluntary context switches; the writer is another process
-    (a thread would add switches of its own, for the GIL)."""
+def _clocked_under_a_trickle(coalesce: float, period: float) -> dict:
+    """A clocked reactor with read slots of ``coalesce``, ticking every ``period``: 1 s of
+    a byte every 5 ms from another process, then 1 s idle. Wake-ups are this thread's
+    voluntary context switches (a writer thread would add switches of its own, for the
+    GIL); ``due``: where in ``period`` each tick was due, ``late``: how late it ran."""
     import resource
     import socket
     import subprocess
@@ -408,10 +407,18 @@ def test_a_clocked_reactor_wakes_once_a_slot_when_loaded_and_only_for_its_ticks_
     ours, theirs = socket.socketpair()
     batches: list[int] = []
     r = reactor_module.Reactor(lambda events: batches.append(len(os.read(ours.fileno(), 4096))),
-                               coalesce=0.05)
+                               coalesce=coalesce)
     r.register(ours.fileno())
     ticks: list[int] = []
-    r.start_clocked(0.5, lambda tick, late: ticks.append(tick))  # the test's sleeps end at ticks
+    due: list[float] = []
+    lateness: list[float] = []
+
+    def on_tick(tick: int, late: float) -> None:
+        ticks.append(tick)
+        due.append((time.time() - late) % period)
+        lateness.append(late)
+
+    r.start_clocked(period, on_tick)
     trickle = ("import os, sys, time\n"
                "end = time.time() + 1.0\n"
                "while time.time() < end:\n"
@@ -436,7 +443,34 @@ def test_a_clocked_reactor_wakes_once_a_slot_when_loaded_and_only_for_its_ticks_
     r.close()
     ours.close()
     theirs.close()
-    assert reads >= 10 and sum(batches) > 2 * reads  # several bytes gathered in each read
+    return {"loaded": loaded, "reads": reads, "bytes": sum(batches), "loaded_ticks": loaded_ticks,
+            "idle": idle, "idle_ticks": idle_ticks, "ticks": ticks, "due": due, "late": lateness}
+
+
+def test_a_clocked_reactor_wakes_once_a_slot_when_loaded_and_only_for_its_ticks_when_idle():
+    """The SET's coalescing by wall-clock slots (``Reactor._run_clocked``): under a steady
+    trickle each read is one wake-up (a sleep to the next slot start), not two (woken by
+    the first byte, then a gathering sleep); idle, the slots cost no wake-up at all."""
+    got = _clocked_under_a_trickle(coalesce=0.05, period=0.5)  # the test's sleeps end at ticks
+    reads, loaded, loaded_ticks = got["reads"], got["loaded"], got["loaded_ticks"]
+    assert reads >= 10 and got["bytes"] > 2 * reads  # several bytes gathered in each read
     # one wake-up a read (the old way: two) or a tick
     assert loaded <= reads + loaded_ticks + 2, (loaded, reads, loaded_ticks)
-    assert idle <= idle_ticks + 2, (idle, idle_ticks)  # no slot wakes an idle reactor
+    assert got["idle"] <= got["idle_ticks"] + 2, got  # no slot wakes an idle reactor
+
+
+def test_a_clocked_reactors_ticks_fall_on_its_read_slots_and_share_their_wake_ups():
+    """A SET ticks every 50 ms and, at 1M connections, reads in 50 ms slots: each tick
+    runs at a slot's start (half a slot past the period's multiples, after the clients'
+    burst of their tick) in the same wake-up as that slot's read, so a loaded SET wakes
+    once every 50 ms, not twice. Ticks stay one per period, in order."""
+    period = 0.05
+    got = _clocked_under_a_trickle(coalesce=period, period=period)
+    ticks, reads = got["ticks"], got["reads"]
+    assert ticks == list(range(ticks[0], ticks[0] + len(ticks))) and len(ticks) >= 25
+    # due half a period (a slot) past its multiples, and most run within a few ms of that
+    assert all(abs(at - period / 2) < 1e-3 for at in got["due"]), got["due"]
+    assert sum(late < 0.005 for late in got["late"]) >= len(ticks) // 2, got["late"]
+    assert reads >= 10
+    # reads and ticks together: about one wake-up each period (apart: reads + ticks)
+    assert got["loaded"] <= max(reads, len(ticks)) + 5, got

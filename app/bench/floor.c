@@ -5,16 +5,21 @@
  * traffic costs a program with no Python, no gevent and no logic, measured in
  * the same run. Compiled by app/bench/floor.py at bench time (cc -O2).
  *
- *   floor server PORT OUT
+ *   floor server PORT OUT [GROUPS SERVERS INDEX]
  *       one epoll process (run ~1 per 19,500 connections, SO_REUSEPORT on
- *       PORT); answers LOGIN with LOGIN_RESULT ok and SHAKE with SHAKE_RESULT
- *       "none left"; one read and at most one write per ready socket. A
- *       timer in the same epoll at a SET's generation ticks (10 a second, on
- *       the wall clock) measures how late the loop wakes: the floor under a
- *       SET's loop lag. Scheduled SCHED_BATCH, as a SET (and the clients, as
- *       hongbao's client workers). On SIGTERM writes
- *       "second shakes lag_us" lines (arrivals; the second's worst lateness)
- *       to OUT and exits.
+ *       PORT); answers LOGIN with LOGIN_RESULT ok, SHAKE with SHAKE_RESULT
+ *       "none left" and CLAIM with CLAIM_RESULT; one read and at most one
+ *       write per ready socket. A timer in the same epoll at a SET's
+ *       generation ticks (10 a second, on the wall clock) measures how late
+ *       the loop wakes: the floor under a SET's loop lag. At those ticks,
+ *       while SHAKEs arrive (this second or the last), it pushes its share
+ *       (INDEX of SERVERS) of GROUPS group envelopes a second, each an
+ *       ENVELOPE_PUSH to three logged-in connections picked at random: the
+ *       group traffic hongbao's bench carries too. Scheduled SCHED_BATCH,
+ *       as a SET (and the clients, as hongbao's client workers). On SIGTERM
+ *       writes "second shakes lag_us pushes claims" lines (arrivals; the
+ *       second's worst lateness; pushes written; claims answered) to OUT
+ *       and exits.
  *   floor client PORT SOURCES FIRST COUNT TICKS RATE PROCS INDEX OUT [QUIET]
  *       COUNT connections (users FIRST..), source addresses SOURCES (comma
  *       separated, IP_BIND_ADDRESS_NO_PORT), at most RATE new attempts a
@@ -22,11 +27,13 @@
  *       "START QPS SECONDS [QPS SECONDS ...]" (fleet-wide QPS; this process
  *       sends share INDEX of PROCS) and sends, in TICKS wall-clock ticks a
  *       second, one write per request, the rotating window of the scheduler
- *       (the last QUIET ticks of a second send nothing, as a worker's).
+ *       (the last QUIET ticks of a second send nothing, as a worker's). It
+ *       answers each ENVELOPE_PUSH it reads with a CLAIM, as a worker does.
  *       At the end writes one JSON line per second to OUT: sent, answered
  *       (by the second the answer arrived, SO_TIMESTAMPNS, as hongbao's
- *       workers count) and the latency histogram in app.client.histogram's
- *       buckets, then exits (SO_LINGER 0: no TIME_WAIT left behind).
+ *       workers count), the latency histogram in app.client.histogram's
+ *       buckets, and claims sent and answered, then exits (SO_LINGER 0: no
+ *       TIME_WAIT left behind).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -84,7 +91,7 @@ static void raise_nofile(void) {
 
 /* ------------------------------------------------------------------ server */
 
-struct sconn { uint32_t userid; uint8_t inlen; unsigned char in[16]; };
+struct sconn { uint32_t userid; uint8_t inlen; unsigned char in[64]; };
 
 static volatile sig_atomic_t stopping;
 static void on_term(int sig) { (void)sig; stopping = 1; }
@@ -95,13 +102,25 @@ static void batch_scheduling(void) {
     sched_setscheduler(0, SCHED_BATCH, &sp);
 }
 
-static int server(int port, const char *out) {
+/* ENVELOPE_PUSH of group envelope `eid` (a share of 1) to `fd`, naming recipients r. */
+static int push(int fd, uint32_t eid, long second, const uint32_t r[3]) {
+    unsigned char f[36];
+    put16(f, 36); put16(f + 2, 4); put64(f + 4, (uint64_t)second);
+    put32(f + 12, eid); put32(f + 16, 1); put32(f + 20, 3);
+    for (int k = 0; k < 3; k++) put32(f + 24 + 4 * k, r[k]);
+    return write(fd, f, 36) == 36;
+}
+
+static int server(int port, const char *out, long groups) {
     raise_nofile();
     struct rlimit rl;
     getrlimit(RLIMIT_NOFILE, &rl);
     size_t cap = rl.rlim_cur;
     struct sconn *conns = calloc(cap, sizeof *conns);
-    static long arrivals[MAX_SECONDS], lag_us[MAX_SECONDS];
+    static long arrivals[MAX_SECONDS], lag_us[MAX_SECONDS], pushes[MAX_SECONDS],
+        claims[MAX_SECONDS];
+    int maxfd = 0;
+    uint32_t next_eid = 1;
     long base = (long)now_s();
     signal(SIGTERM, on_term);
     batch_scheduling();
@@ -131,7 +150,7 @@ static int server(int port, const char *out) {
     fflush(stdout);
 
     struct epoll_event events[BATCH];
-    unsigned char inb[4096], outb[4096 / 16 * 28 + 28];
+    unsigned char inb[4096], outb[(4096 + 64) / 16 * 28 + 28];  /* a partial frame kept: < 64 B */
     while (!stopping) {
         int n = epoll_wait(ep, events, BATCH, 500);
         if (n < 0) continue;  /* EINTR: the loop checks stopping */
@@ -147,6 +166,26 @@ static int server(int port, const char *out) {
                     long at = (long)t - base;
                     if (at >= 0 && at < MAX_SECONDS && late * 1e6 > lag_us[at])
                         lag_us[at] = (long)(late * 1e6);
+                    /* group envelopes, while SHAKEs arrive (this second or the last) */
+                    long k = (long)(t * GEN_TICKS) % GEN_TICKS;
+                    long due = groups * (k + 1) / GEN_TICKS - groups * k / GEN_TICKS;
+                    int loaded = at >= 1 && at < MAX_SECONDS && (arrivals[at] || arrivals[at - 1]);
+                    for (long g = 0; loaded && g < due && maxfd > lfd; g++) {
+                        int fds[3], picked = 0;
+                        for (int tries = 0; tries < 64 && picked < 3; tries++) {
+                            int c = lfd + 1 + rand() % (maxfd - lfd);
+                            if (!conns[c].userid || (picked && fds[0] == c)
+                                || (picked > 1 && fds[1] == c))
+                                continue;
+                            fds[picked++] = c;
+                        }
+                        if (picked < 3) break;
+                        uint32_t r[3] = {conns[fds[0]].userid, conns[fds[1]].userid,
+                                         conns[fds[2]].userid};
+                        for (int j = 0; j < 3; j++)
+                            pushes[at] += push(fds[j], next_eid, (long)t, r);
+                        next_eid++;
+                    }
                 }
                 continue;
             }
@@ -156,6 +195,8 @@ static int server(int port, const char *out) {
                     if ((size_t)c >= cap) { close(c); continue; }
                     setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
                     conns[c].inlen = 0;
+                    conns[c].userid = 0;
+                    if (c > maxfd) maxfd = c;
                     struct epoll_event cev = {.events = EPOLLIN, .data.fd = c};
                     epoll_ctl(ep, EPOLL_CTL_ADD, c, &cev);
                 }
@@ -165,6 +206,7 @@ static int server(int port, const char *out) {
             ssize_t got = read(fd, inb + s->inlen, sizeof inb - s->inlen);
             if (got <= 0) {
                 if (got < 0 && errno == EAGAIN) continue;
+                s->userid = 0;
                 close(fd);
                 continue;
             }
@@ -186,20 +228,26 @@ static int server(int port, const char *out) {
                     put32(outb + w + 12, s->userid); put32(outb + w + 16, 15);
                     put32(outb + w + 20, 0); put32(outb + w + 24, 0);
                     w += 28;
+                } else if (cmd == 5 && flen == 20) {  /* CLAIM: its share, 1 */
+                    if (sec >= 0 && sec < MAX_SECONDS) claims[sec]++;
+                    put16(outb + w, 20); put16(outb + w + 2, 6); put64(outb + w + 4, sec + base);
+                    put32(outb + w + 12, get32(inb + off + 16)); put32(outb + w + 16, 1);
+                    w += 20;
                 }
                 off += flen;
             }
-            if (bad) { close(fd); continue; }
+            if (bad) { s->userid = 0; close(fd); continue; }
             s->inlen = len - off;
             memcpy(s->in, inb + off, s->inlen);
-            if (w && write(fd, outb, w) < 0 && errno != EAGAIN) close(fd);
+            if (w && write(fd, outb, w) < 0 && errno != EAGAIN) { s->userid = 0; close(fd); }
         }
     }
     FILE *f = fopen(out, "w");
     if (!f) return 1;
     for (int i = 0; i < MAX_SECONDS; i++)
-        if (arrivals[i] || lag_us[i])
-            fprintf(f, "%ld %ld %ld\n", base + i, arrivals[i], lag_us[i]);
+        if (arrivals[i] || lag_us[i] || pushes[i] || claims[i])
+            fprintf(f, "%ld %ld %ld %ld %ld\n", base + i, arrivals[i], lag_us[i], pushes[i],
+                    claims[i]);
     fclose(f);
     return 0;
 }
@@ -213,10 +261,10 @@ struct cconn {
     uint8_t state, inlen;
     uint16_t nout;  /* SHAKEs unanswered */
     double t0;  /* send time of the oldest unanswered SHAKE */
-    unsigned char in[28];
+    unsigned char in[64];
 };
 
-struct second { long sent, answered; uint32_t hist[BUCKETS]; };
+struct second { long sent, answered, claims, claimed; uint32_t hist[BUCKETS]; };
 
 static int bucket(long us) {
     if (us < 16) return us < 0 ? 0 : (int)us;
@@ -285,7 +333,7 @@ static struct second *sec_at(long t) {
 
 static void client_read(long i, double now) {
     struct cconn *c = &cc[i];
-    unsigned char buf[4096 + 28];
+    unsigned char buf[4096 + 64];
     memcpy(buf, c->in, c->inlen);
     char control[CMSG_SPACE(sizeof(struct timespec))];
     struct iovec iov = {buf + c->inlen, 4096};
@@ -319,6 +367,15 @@ static void client_read(long i, double now) {
                 if (c->nout) s->hist[bucket((long)((now - c->t0) * 1e6))]++;
             }
             if (c->nout && --c->nout) c->t0 = now;
+        } else if (cmd == 4 && flen == 36) {  /* ENVELOPE_PUSH: claim it (userid 0: me) */
+            unsigned char f[20];
+            put16(f, 20); put16(f + 2, 5); put64(f + 4, (uint64_t)now);
+            put32(f + 12, 0); put32(f + 16, get32(buf + off + 12));
+            struct second *s = sec_at((long)now);
+            if (write(c->fd, f, 20) == 20 && s) s->claims++;
+        } else if (cmd == 6) {
+            struct second *s = sec_at((long)now);
+            if (s) s->claimed++;
         }
         off += flen;
     }
@@ -475,9 +532,9 @@ static int client(int argc, char **argv) {
     if (!f) return 1;
     for (long k = 0; k < MAX_SECONDS; k++) {
         struct second *s = &secs[k];
-        if (!s->sent && !s->answered) continue;
-        fprintf(f, "{\"t\":%ld,\"sent\":%ld,\"answered\":%ld,\"hist\":{", sec_base + k, s->sent,
-                s->answered);
+        if (!s->sent && !s->answered && !s->claims && !s->claimed) continue;
+        fprintf(f, "{\"t\":%ld,\"sent\":%ld,\"answered\":%ld,\"claims\":%ld,\"claimed\":%ld,"
+                "\"hist\":{", sec_base + k, s->sent, s->answered, s->claims, s->claimed);
         int comma = 0;
         for (int b = 0; b < BUCKETS; b++)
             if (s->hist[b]) { fprintf(f, "%s\"%d\":%u", comma ? "," : "", b, s->hist[b]); comma = 1; }
@@ -490,9 +547,13 @@ static int client(int argc, char **argv) {
 int main(int argc, char **argv) {
     /* a bench killed outright must not leave its floor behind */
     prctl(PR_SET_PDEATHSIG, SIGTERM);
-    if (argc >= 4 && !strcmp(argv[1], "server")) return server(atoi(argv[2]), argv[3]);
+    if (argc >= 4 && !strcmp(argv[1], "server")) {
+        /* GROUPS SERVERS INDEX: this server's share of GROUPS group envelopes a second */
+        long groups = argc >= 7 ? share(atol(argv[4]), atol(argv[5]), atol(argv[6])) : 0;
+        return server(atoi(argv[2]), argv[3], groups);
+    }
     if (argc >= 2 && !strcmp(argv[1], "client")) return client(argc, argv);
-    fprintf(stderr, "usage: floor server PORT OUT | floor client PORT SOURCES FIRST COUNT "
-                    "TICKS RATE PROCS INDEX OUT\n");
+    fprintf(stderr, "usage: floor server PORT OUT [GROUPS SERVERS INDEX] | floor client PORT "
+                    "SOURCES FIRST COUNT TICKS RATE PROCS INDEX OUT [QUIET]\n");
     return 2;
 }

@@ -39,7 +39,7 @@ from app.client.agent import PER_PROCESS
 from app.client.histogram import Histogram
 from app.client.schedule import quiet_ticks
 from app.local.runner import Service, niced, stop_services
-from app.local.summary import REQUIRED, TOLERANCE
+from app.local.summary import REQUIRED, TOLERANCE, loop_lag_seconds
 
 log = logging.getLogger("hongbao.floor")
 
@@ -112,8 +112,9 @@ class FloorRun:
 
     def __init__(self, binary: Path, run_dir: Path, connections: int, hosts: int,
                  ticks: int, server: ExternalServer | None = None, client_nice: int = 0,
-                 quiet: int = 0) -> None:
+                 quiet: int = 0, groups_per_s: int = 0) -> None:
         self.binary, self.dir = binary, run_dir
+        self.groups_per_s = groups_per_s  # group envelopes the C servers push, fleet-wide
         self.connections, self.hosts, self.ticks = connections, hosts, ticks
         self.quiet = quiet  # the last ticks of a second that send nothing, as hongbao's
         self.client_nice = client_nice  # as hongbao's co-located clients: the same scheduling
@@ -128,19 +129,23 @@ class FloorRun:
     def server_seconds(self) -> tuple[dict[int, int], dict[int, float]]:
         """Per second: requests served by arrival, and the servers' worst loop lag (ms).
 
-        One pass over the C servers' files ("second arrivals lateness_us"); with
-        another server (``external``) its arrivals, and no loop lag of ours.
+        One pass over the C servers' files ("second arrivals lateness_us
+        pushes claims"; the group totals go to ``figures``); with another
+        server (``external``) its arrivals, and no loop lag of ours.
         """
         if self.external:
             return self.external.arrivals(), {}
         arrival: dict[int, int] = {}
         lag: dict[int, float] = {}
+        group = self.figures.setdefault("group", {"pushed": 0, "claims_served": 0})
         for path in self.dir.glob("server*.txt"):
             for line in path.read_text().split("\n"):
                 if line:
-                    t, n, lag_us = map(int, line.split())
+                    t, n, lag_us, pushed, claims = map(int, line.split())
                     arrival[t] = arrival.get(t, 0) + n
                     lag[t] = max(lag.get(t, 0.0), lag_us / 1000)
+                    group["pushed"] += pushed
+                    group["claims_served"] += claims
         return arrival, lag
 
     def _service(self, name: str, args: list[str], ready: str, nice: int = 0) -> Service:
@@ -152,7 +157,9 @@ class FloorRun:
         n_servers = 0 if self.external else max(1, math.ceil(self.connections / SERVER_CONNECTIONS))
         for k in range(n_servers):
             server = self._service(f"server{k}", ["server", str(port),
-                                                  str(self.dir / f"server{k}.txt")], "^listening")
+                                                  str(self.dir / f"server{k}.txt"),
+                                                  str(self.groups_per_s), str(n_servers), str(k)],
+                                   "^listening")
             self.servers.append(server)
             server.start(timeout=30)
         layout = client_layout(self.connections, self.hosts)
@@ -202,12 +209,15 @@ class FloorRun:
         arrival, lag = self.server_seconds()
         answered: dict[int, int] = {}
         hists: dict[int, Histogram] = {}
+        group = self.figures.setdefault("group", {})
         for path in self.dir.glob("client*.jsonl"):
             for line in path.read_text().split("\n"):
                 if not line:
                     continue
                 rec = json.loads(line)
                 answered[rec["t"]] = answered.get(rec["t"], 0) + rec["answered"]
+                for key in ("claims", "claimed"):  # sent by the clients, answered to them
+                    group[key] = group.get(key, 0) + rec.get(key, 0)
                 hists.setdefault(rec["t"], Histogram()).merge(rec["hist"])
         rows = []
         for q, first, end in spans:
@@ -229,6 +239,7 @@ class FloorRun:
                 # a SET's loop lag is taken over the whole phase too
                 "loop_lag_max_ms": max((lag[t] for t in range(first, end) if t in lag),
                                        default=None),
+                **loop_lag_seconds([lag[t] for t in range(first, end) if t in lag]),
                 **cpu.costs(start_mark, end_mark, served),
             })
         return rows
@@ -237,11 +248,14 @@ class FloorRun:
 def measure(run_dir: Path, connections: int, hosts: int, phases: list[int], seconds: int,
             ticks: int, connect_timeout: float = 600,
             server: ExternalServer | None = None, client_nice: int = 0,
-            quiet_ms: int = 0) -> dict[str, Any]:
+            quiet_ms: int = 0, groups_per_s: int = 0) -> dict[str, Any]:
     """The floor's figures for this traffic, or the syscall floor without a compiler.
 
-    With ``server``, only the floor's C clients run, against that server: what
-    a server serves when the load costs no more than the floor's.
+    ``groups_per_s``: group envelopes the C servers push while the phases
+    run (each to three users, who claim it), as hongbao's bench generates:
+    the same messages on both sides of the ratio. With ``server``, only the
+    floor's C clients run, against that server: what a server serves when
+    the load costs no more than the floor's.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     binary = compile_floor(run_dir)
@@ -253,7 +267,7 @@ def measure(run_dir: Path, connections: int, hosts: int, phases: list[int], seco
                 "phases": [{"target": q, "server_cpu_us_per_request": per,
                             "client_cpu_us_per_request": per} for q in phases]}
     run = FloorRun(binary, run_dir, connections, hosts, ticks, server, client_nice,
-                   quiet_ticks(ticks, quiet_ms))
+                   quiet_ticks(ticks, quiet_ms), groups_per_s)
     try:
         run.start(connect_timeout)
         spans = run.run_phases(phases, seconds)

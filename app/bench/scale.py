@@ -57,7 +57,9 @@ from app.local.summary import (
     REQUIRED,
     Phase,
     build_seconds,
+    lag_share,
     ledger_check,
+    loop_lag_seconds,
     percent,
     phase_summary,
     served,
@@ -389,6 +391,7 @@ class ScaleRun:
                 health = [h for h in server.get("health_per_second", [])
                           if phase.start <= h["second"] < phase.end]
                 row["loop_lag_max_ms"] = max((h["loop_lag_ms"] for h in health), default=None)
+                row.update(loop_lag_seconds([h["loop_lag_ms"] for h in health]))
                 row["gc_pause_max_ms"] = max((h["gc_pause_ms"] for h in health), default=None)
                 rows.append(row)
         counters = server.get("counters", {})
@@ -436,7 +439,8 @@ def run_floor(args: settings.Config, out_dir: Path) -> dict[str, Any]:
              seconds)
     try:
         return floor.measure(out_dir, args.connections, args.hosts, args.phases, seconds,
-                             args.ticks, client_nice=args.client_nice, quiet_ms=args.quiet_ms)
+                             args.ticks, client_nice=args.client_nice, quiet_ms=args.quiet_ms,
+                             groups_per_s=GROUPS_PER_S)
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         log.warning("floor run failed: %s", exc)
         return {"kind": f"failed: {exc}", "phases": []}
@@ -520,16 +524,22 @@ def floor_lines(result: dict[str, Any]) -> list[str]:
     fl = result.get("floor")
     if not fl:
         return []
+    group = fl.get("group") or {}
     lines = ["", f"floor, same traffic in this run: {fl['kind']}"
                  + (f", {fl['processes']['servers']} server + {fl['processes']['clients']} "
                     f"client processes, logged in in {fl['login_seconds']} s"
-                    if "processes" in fl else "")]
+                    if "processes" in fl else "")
+                 + (f"; group envelopes pushed {group['pushed']:,}, claims sent "
+                    f"{group.get('claims', 0):,}, served {group.get('claims_served', 0):,}, "
+                    f"answered {group.get('claimed', 0):,}" if "pushed" in group else "")]
     head = ("target", "arrival±2%", "answer±2%", "p50", "p99", "srv µs/req", "cli µs/req",
             "box CPU%", "lag ms", "hongbao/floor")
     fmt = "{:>8}{:>12}{:>11}{:>8}{:>8}{:>12}{:>12}{:>10}{:>8}{:>15}"
     lines.append(fmt.format(*head))
     ours = {r["target"]: r for r in result.get("phases", [])}
+    lags = []
     for r in fl["phases"]:
+        lags.append(f"{r['target']} {lag_share(r)}")
         ratio = ours.get(r["target"], {}).get("floor_ratio")
         ratio = "-" if ratio is None else f"{ratio:.2f}x"
         lines.append(fmt.format(r["target"], percent(r.get("server_arrival_within")),
@@ -539,6 +549,7 @@ def floor_lines(result: dict[str, Any]) -> list[str]:
                                 r["client_cpu_us_per_request"], r.get("machine_cpu_percent", "-"),
                                 "-" if r.get("loop_lag_max_ms") is None
                                 else round(r["loop_lag_max_ms"], 1), ratio))
+    lines.append("  the floor server's loop lag, each second by its worst tick: " + ", ".join(lags))
     return lines
 
 
@@ -609,6 +620,8 @@ def print_table(result: dict[str, Any]) -> str:
     if late:
         lines.append("sent by the clients only after their second had ended (their pacer "
                      "that late; no server serves those within it): " + ", ".join(late))
+        lines.append("SETs' loop lag, each second by its worst tick: " + ", ".join(
+            f"{r['phase']} {lag_share(r)}" for r in f.get("phases", [])))
     ramp = f.get("ramp")
     if ramp:
         lines.append(f"ramp (+{ramp['step']}/s a step, a failing step tried "
