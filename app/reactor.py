@@ -107,24 +107,16 @@ class Reactor:
                       timer_ticks: int = 1) -> gevent.Greenlet:
         """Run as the process's main loop, blocking in this epoll: the hub runs only when needed.
 
-        ``on_tick(tick, late)`` runs once for every multiple ``tick`` of
-        ``period`` on the wall clock, ``tick_offset()`` after it (``late``:
-        seconds after it was due), in the reactor's greenlet. The hub's
-        timers run after every tick that is a multiple of ``timer_ticks``:
-        the owner puts its timers on those ticks' times (a SET: the second
-        and the half second; they run ``tick_offset()`` after). See
+        ``on_tick(tick, late)`` runs at every multiple ``tick`` of ``period``
+        on the wall clock (``late``: seconds after it was due), in the
+        reactor's greenlet. The hub's timers run after every tick that is a
+        multiple of ``timer_ticks``: the owner puts its timers on those
+        ticks' times (a SET: the second and the half second). See
         ``_run_clocked`` for why.
         """
         self._greenlet = gevent.spawn(self._run_clocked, period, on_tick, timer_ticks)
         self._greenlet.name = "reactor"
         return self._greenlet
-
-    def tick_offset(self, period: float) -> float:
-        """How long after each multiple of ``period`` a clocked loop's tick runs: on a
-        read slot's start (half a slot past a multiple of it), so a loaded loop reads and
-        ticks in one wake-up, when the clients' burst of that tick has been sent (0
-        without slots)."""
-        return (self.coalesce / 2) % period if self.coalesce else 0.0
 
     def stop(self) -> None:
         if self._greenlet is not None:
@@ -199,20 +191,14 @@ class Reactor:
         twice (woken, then gathering); an idle one wakes only for its ticks.
         The clients tick on whole multiples of the slot (10 or 20 ticks a
         second; ``auto_coalesce_ms``), so a read comes half a slot after the
-        burst of a tick starts, not at its first byte. The loop's own ticks
-        fall on slot starts too (``tick_offset``): on the clients' tick they
-        were a wake-up of their own and queued behind 17-68 client processes
-        doing their sends (a SET's worst lag in most seconds), and with 50 ms
-        slots a loaded SET woke twice every 50 ms instead of once.
+        burst of a tick starts, not at its first byte.
         """
         hub_fd = get_hub().loop.fileno()
         hub_event = (hub_fd, select.EPOLLIN)
         self.epoll.register(hub_fd, select.EPOLLIN)
         hub_only = hub_epoll()  # the wait while gathering: the hub's I/O, no socket
-        offset = self.tick_offset(period)
         try:
-            tick = int((time.time() - offset) / period) + 1
-            due = tick * period + offset
+            due = (int(time.time() / period) + 1) * period
             read_at: float | None = None  # None: read when a socket turns readable
             while True:
                 now = time.time()
@@ -221,12 +207,11 @@ class Reactor:
                     read_at = self._next_slot(time.time()) if found and self.coalesce else None
                     continue
                 if now >= due:
+                    tick = round(due / period)
                     on_tick(tick, now - due)
-                    turn = tick % timer_ticks == 0
                     # from now, not from the tick: a late turn makes the next one late
-                    tick = max(tick + 1, int((time.time() - offset) / period) + 1)
-                    due = tick * period + offset
-                    if turn:
+                    due = (int(time.time() / period) + 1) * period
+                    if tick % timer_ticks == 0:
                         gevent.idle()  # the hub's timers
                     continue
                 if read_at is None:

@@ -364,6 +364,58 @@ def test_read_answers_measures_from_the_kernels_arrival_stamp_not_the_read():
     assert len(outcomes) == 2
 
 
+def test_read_answers_adds_a_batchs_counts_to_what_the_dicts_held():
+    """The compiled path keeps a batch's counts in C and adds them once at its end:
+    answers that arrived in two seconds, a result code outside its small table, and
+    counts already in the dicts come out as the reference module counts them."""
+    from app.reactor import SO_TIMESTAMPNS
+
+    outcomes = []
+    for impl in client_impls():
+        listener = socket.create_server(("127.0.0.1", 0))
+        pairs, conns = [], []
+        try:
+            wait_until_the_kernel_stamps()
+            for userid in (101, 102, 103):
+                reader = socket.create_connection(listener.getsockname())
+                server, _ = listener.accept()
+                reader.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+                reader.setblocking(False)
+                conn = ClientConn(1, userid)
+                conn.fd, conn.state = reader.fileno(), READY
+                conn.session = p.ClientSession(userid)
+                conn.session.phase = p.Phase.OPEN
+                conn.sent_at = time.time()
+                pairs.append((reader, server))
+                conns.append(conn)
+            pairs[0][1].send(RESULT.pack(28, 3, SECOND, 101, 15, 0, 0))
+            first = int(time.time())
+            time.sleep(first + 1.02 - time.time())  # the others arrive in the next second
+            pairs[1][1].send(RESULT.pack(28, 3, SECOND, 102, 14, 7, 250) * 2)
+            pairs[2][1].send(RESULT.pack(28, 3, SECOND, 103, 1000, 0, 0))  # an unknown code
+            select.select([pairs[2][0]], [], [], 5)
+            time.sleep(0.05)
+            hist, results, by_second, served = Histogram(), {15: 5}, {first: 10}, {}
+            events = [(c.fd, IN) for c in conns]
+            rest, got, *counts = impl.read_answers(events, {c.fd: c for c in conns}, 4096,
+                                                   time.time(), hist, results, by_second, served)
+            outcomes.append((rest, got, counts, sum(hist.counts.values()), hist.total, results,
+                             {t - first: n for t, n in by_second.items()},  # each impl's own
+                             {t - first: n for t, n in served.items()}))  # seconds
+        finally:
+            for pair in pairs:
+                for s in pair:
+                    s.close()
+            listener.close()
+    assert outcomes[0] == outcomes[1]
+    rest, got, counts, histogrammed, total, results, by_second, served = outcomes[0]
+    assert (rest, got) == ([], [])
+    assert counts == [4, 500, 3]  # answered, amount granted, unanswered SHAKEs released
+    assert histogrammed == total == 3
+    assert results == {15: 6, 14: 2, 1000: 1}
+    assert by_second == {0: 11, 1: 3} and served == {0: 1, 1: 2}
+
+
 def wait_until_the_kernel_stamps(timeout: float = 5.0) -> None:
     """Linux turns receive stamps on machine-wide only once a socket asks, and when none
     had, it does so from a deferred work item: a TCP segment that arrives before that

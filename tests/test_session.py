@@ -87,7 +87,7 @@ def test_user_zero_logs_in_like_anybody_and_zero_still_means_me():
     assert session.receive(p.encode(p.Login(0, 1))) == [p.LoggedIn(0, 1)]
     assert session.receive(p.encode(p.Shake(0, 2)) + p.encode(p.Shake(7, 3))) == [
         p.ShakeAsked(2), p.ShakeRefused(7, 3)]
-    assert session.receive(p.encode(p.Claim(0, 4, 5))) == [p.ClaimAsked(4, 5)]
+    assert list(session.receive(p.encode(p.Claim(0, 4, 5)))) == [p.ClaimAsked(4, 5)]
 
 
 @pytest.mark.parametrize("frames, logged_in, reason", [
@@ -139,6 +139,36 @@ def test_server_answers_carry_the_sessions_user():
     assert p.decode_frames(session.claim_result(5, 7, 3))[0] == [p.ClaimResult(5, 7, 3)]
 
 
+@given(st.lists(requests, min_size=1, max_size=8))
+def test_server_whole_frames_one_a_read_give_the_same_events(frames):
+    """One whole SHAKE or CLAIM a read (the common case, decoded by a shortcut):
+    the events the general decoder makes of the same bytes in one read."""
+    session = p.ServerSession()
+    session.resume(ME)
+    one_by_one = [e for f in frames for e in session.receive(p.encode(f))]
+    assert one_by_one == list(map(expected_event, frames)) == list(
+        p.ServerSession.receive(_resumed(), stream_of(frames, login=False)))
+    assert session.buffered == 0
+
+
+def _resumed() -> p.ServerSession:
+    session = p.ServerSession()
+    session.resume(ME)
+    return session
+
+
+@given(st.lists(answers, min_size=1, max_size=8))
+def test_client_whole_frames_one_a_read_give_the_same_frames(frames):
+    """One whole SHAKE_RESULT, ENVELOPE_PUSH or CLAIM_RESULT a read (shortcuts): the
+    frames the general decoder returns for the same bytes in one read."""
+    session = p.ClientSession(ME)
+    session.receive(p.encode(p.LoginResult(ME, 0, 1)))
+    one_by_one = [e for f in frames for e in session.receive(p.encode(f))]
+    together = p.ClientSession(ME)
+    together.receive(p.encode(p.LoginResult(ME, 0, 1)))
+    assert one_by_one == frames == list(together.receive(b"".join(p.encode(f) for f in frames)))
+
+
 @given(st.lists(answers, max_size=20), st.data())
 def test_client_any_split_gives_the_same_frames(frames, data):
     stream = p.encode(p.LoginResult(ME, 0, 1)) + b"".join(p.encode(f) for f in frames)
@@ -176,13 +206,15 @@ def test_client_rules(frames, reason):
     assert info.value.reason == reason
 
 
-def test_push_naming_two_recipients_is_refused_by_the_client():
+@pytest.mark.parametrize("alone", [True, False], ids=["alone", "after a frame"])
+def test_push_naming_two_recipients_is_refused_by_the_client(alone):
     session = p.ClientSession(ME)
     session.receive(p.encode(p.LoginResult(ME, 0)))
     bad = bytearray(p.encode(p.EnvelopePush(1, 2, (3, 4, 5))))
     bad[23] = 2  # the recipient count field
+    before = b"" if alone else p.encode(p.ClaimResult(1, 2, 3))
     with pytest.raises(p.ProtocolError) as info:
-        session.receive(bytes(bad))
+        session.receive(before + bytes(bad))
     assert info.value.reason == "body"
 
 

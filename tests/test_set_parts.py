@@ -457,20 +457,3 @@ def test_a_clocked_reactor_wakes_once_a_slot_when_loaded_and_only_for_its_ticks_
     # one wake-up a read (the old way: two) or a tick
     assert loaded <= reads + loaded_ticks + 2, (loaded, reads, loaded_ticks)
     assert got["idle"] <= got["idle_ticks"] + 2, got  # no slot wakes an idle reactor
-
-
-def test_a_clocked_reactors_ticks_fall_on_its_read_slots_and_share_their_wake_ups():
-    """A SET ticks every 50 ms and, at 1M connections, reads in 50 ms slots: each tick
-    runs at a slot's start (half a slot past the period's multiples, after the clients'
-    burst of their tick) in the same wake-up as that slot's read, so a loaded SET wakes
-    once every 50 ms, not twice. Ticks stay one per period, in order."""
-    period = 0.05
-    got = _clocked_under_a_trickle(coalesce=period, period=period)
-    ticks, reads = got["ticks"], got["reads"]
-    assert ticks == list(range(ticks[0], ticks[0] + len(ticks))) and len(ticks) >= 25
-    # due half a period (a slot) past its multiples, and most run within a few ms of that
-    assert all(abs(at - period / 2) < 1e-3 for at in got["due"]), got["due"]
-    assert sum(late < 0.005 for late in got["late"]) >= len(ticks) // 2, got["late"]
-    assert reads >= 10
-    # reads and ticks together: about one wake-up each period (apart: reads + ticks)
-    assert got["loaded"] <= max(reads, len(ticks)) + 5, got

@@ -246,6 +246,68 @@ count_in(PyObject *d, long long key)
     return count_add(d, key, 1);
 }
 
+/* A batch's counts kept in C and added to the dicts once, at its end: each
+ * answer used to cost four dict updates (a new int key, a lookup, an add, a
+ * store); a batch of answers from one tick has one arrival second and a few
+ * result codes and latency buckets. */
+#define TALLY_KEYS 512
+struct tally { Py_ssize_t n[TALLY_KEYS]; int touched[TALLY_KEYS], ntouched; };
+
+static int
+tally_in(struct tally *t, PyObject *d, long long key)
+{
+    if (key < 0 || key >= TALLY_KEYS)
+        return count_in(d, key);
+    if (!t->n[key]++)
+        t->touched[t->ntouched++] = (int)key;
+    return 0;
+}
+
+static void
+tally_reset(struct tally *t)
+{
+    for (int i = 0; i < t->ntouched; i++)
+        t->n[t->touched[i]] = 0;
+    t->ntouched = 0;
+}
+
+static int
+tally_flush(struct tally *t, PyObject *d)
+{
+    for (int i = 0; i < t->ntouched; i++) {
+        int key = t->touched[i];
+        if (count_add(d, key, t->n[key]) < 0)
+            return -1;
+        t->n[key] = 0;
+    }
+    t->ntouched = 0;
+    return 0;
+}
+
+/* Per-second counts of a batch: runs of one second added at once. */
+struct run { long long second; Py_ssize_t n; };
+
+static int
+run_add(struct run *r, PyObject *d, long long second, Py_ssize_t n)
+{
+    if (r->n && r->second != second) {
+        if (count_add(d, r->second, r->n) < 0)
+            return -1;
+        r->n = 0;
+    }
+    r->second = second;
+    r->n += n;
+    return 0;
+}
+
+static int
+run_flush(struct run *r, PyObject *d)
+{
+    int rc = r->n ? count_add(d, r->second, r->n) : 0;
+    r->n = 0;
+    return rc;
+}
+
 static PyObject *
 read_answers(PyObject *self, PyObject *args)
 {
@@ -275,6 +337,8 @@ read_answers(PyObject *self, PyObject *args)
     unsigned char buf[MAX_READ];
     Py_ssize_t answered = 0, released = 0;
     long long amount = 0;
+    static struct tally codes, latencies;  /* zero between calls (flushed, or reset) */
+    struct run arrivals = {0, 0}, useful_by = {0, 0};
     PyObject *rest = PyList_New(0), *got = PyList_New(0);
     if (rest == NULL || got == NULL)
         goto fail;
@@ -296,7 +360,7 @@ read_answers(PyObject *self, PyObject *args)
         }
         if (arrived <= 0.0)
             arrived = now;  /* a socket that does not stamp: when we read it */
-        if (count_add(by_second, (long long)arrived, n / RESULT_SIZE) < 0)
+        if (run_add(&arrivals, by_second, (long long)arrived, n / RESULT_SIZE) < 0)
             goto fail;
         Py_ssize_t useful = 0;  /* answers that served the request: GOT, NONE_LEFT */
         for (Py_ssize_t at = 0; at < n; at += RESULT_SIZE) {
@@ -304,7 +368,7 @@ read_answers(PyObject *self, PyObject *args)
             answered++;
             if (result == GOT || result == NONE_LEFT)
                 useful++;
-            if (count_in(results, result) < 0)
+            if (tally_in(&codes, results, result) < 0)
                 goto fail;
             if (result == GOT)
                 amount += get_u32(buf + at + 24);
@@ -315,15 +379,19 @@ read_answers(PyObject *self, PyObject *args)
                 double sent_at = PyFloat_AsDouble(SLOT(conn, off_sent_at));
                 if (sent_at == -1.0 && PyErr_Occurred())
                     goto fail;
-                if (count_in(counts, bucket((long long)((arrived - sent_at) * 1e6))) < 0)
+                if (tally_in(&latencies, counts,
+                             bucket((long long)((arrived - sent_at) * 1e6))) < 0)
                     goto fail;
                 slot_set(conn, off_sent_at, zero_float);
                 released++;
             }
         }
-        if (useful && count_add(served, (long long)arrived, useful) < 0)
+        if (useful && run_add(&useful_by, served, (long long)arrived, useful) < 0)
             goto fail;
     }
+    if (run_flush(&arrivals, by_second) < 0 || run_flush(&useful_by, served) < 0
+        || tally_flush(&codes, results) < 0 || tally_flush(&latencies, counts) < 0)
+        goto fail;
     if (released) {  /* Histogram.record's other half: its total */
         PyObject *total = PyObject_GetAttrString(hist, "total");
         PyObject *more = total == NULL ? NULL : PyLong_FromSsize_t(released);
@@ -339,6 +407,8 @@ read_answers(PyObject *self, PyObject *args)
     Py_DECREF(counts);
     return Py_BuildValue("(NNnLn)", rest, got, answered, amount, released);
 fail:
+    tally_reset(&codes);
+    tally_reset(&latencies);
     Py_DECREF(counts);
     Py_XDECREF(rest);
     Py_XDECREF(got);

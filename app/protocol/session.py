@@ -111,13 +111,19 @@ _SHAKE_CMD = int(Command.SHAKE)
 _unpack_shake = _SHAKE.unpack
 _LOGIN = LAYOUTS[Command.LOGIN]
 _CLAIM = LAYOUTS[Command.CLAIM]
+_CLAIM_CMD = int(Command.CLAIM)
+_unpack_claim = _CLAIM.unpack
 _LOGIN_RESULT = LAYOUTS[Command.LOGIN_RESULT]
 _SHAKE_RESULT = LAYOUTS[Command.SHAKE_RESULT]
 _SHAKE_RESULT_SIZE = _SHAKE_RESULT.size
 _SHAKE_RESULT_CMD = int(Command.SHAKE_RESULT)
 _unpack_shake_result = _SHAKE_RESULT.unpack
 _PUSH = LAYOUTS[Command.ENVELOPE_PUSH]
+_PUSH_CMD = int(Command.ENVELOPE_PUSH)
+_unpack_push = _PUSH.unpack
 _CLAIM_RESULT = LAYOUTS[Command.CLAIM_RESULT]
+_CLAIM_RESULT_CMD = int(Command.CLAIM_RESULT)
+_unpack_claim_result = _CLAIM_RESULT.unpack
 
 # The state table. What a received command does in each phase: "event" (it
 # becomes an event) or the reason the connection is closed. Before the login
@@ -212,13 +218,23 @@ class ServerSession(_Session):
         call ``receive(b"")`` to go on with the bytes that followed it.
         """
         buf = self._buf + data if self._buf else data
-        if len(buf) == _SHAKE_SIZE and self.phase is _OPEN:
+        # One whole SHAKE or CLAIM, the usual read once logged in: decoded
+        # directly (the same events as the loop below; anything else goes there).
+        size = len(buf)
+        if size == _SHAKE_SIZE and self.phase is _OPEN:
             length, cmd, sent, userid = _unpack_shake(buf)
             if length == _SHAKE_SIZE and cmd == _SHAKE_CMD:
                 self._buf = b""
                 if userid == 0 or userid == self.userid:
                     return (_new(ShakeAsked, (sent,)),)
                 return (_new(ShakeRefused, (userid, sent)),)
+        elif size == _CLAIM.size and self.phase is _OPEN:
+            length, cmd, sent, userid, eid = _unpack_claim(buf)
+            if length == size and cmd == _CLAIM_CMD:
+                self._buf = b""
+                if userid == 0 or userid == self.userid:
+                    return (_new(ClaimAsked, (eid, sent)),)
+                return (_new(ClaimRefused, (userid, eid, sent)),)
         if self.phase is _CLOSED:
             raise self._closed()
         events: list[tuple] = []
@@ -289,11 +305,25 @@ class ClientSession(_Session):
 
     def receive(self, data: bytes) -> Sequence[tuple]:
         buf = self._buf + data if self._buf else data
-        if len(buf) == _SHAKE_RESULT_SIZE and self.phase is _OPEN:
-            length, cmd, sent, userid, result, eid, amount = _unpack_shake_result(buf)
-            if length == _SHAKE_RESULT_SIZE and cmd == _SHAKE_RESULT_CMD:
-                self._buf = b""
-                return (_new(ShakeResult, (userid, result, eid, amount, sent)),)
+        # One whole SHAKE_RESULT, ENVELOPE_PUSH or CLAIM_RESULT once logged in:
+        # decoded directly (the same events as the loop below, which gets the rest).
+        size = len(buf)
+        if self.phase is _OPEN:
+            if size == _SHAKE_RESULT_SIZE:
+                length, cmd, sent, userid, result, eid, amount = _unpack_shake_result(buf)
+                if length == size and cmd == _SHAKE_RESULT_CMD:
+                    self._buf = b""
+                    return (_new(ShakeResult, (userid, result, eid, amount, sent)),)
+            elif size == _PUSH.size:
+                length, cmd, sent, eid, share, count, r1, r2, r3 = _unpack_push(buf)
+                if length == size and cmd == _PUSH_CMD and count == RECIPIENTS:
+                    self._buf = b""
+                    return (_new(EnvelopePush, (eid, share, (r1, r2, r3), sent)),)
+            elif size == _CLAIM_RESULT.size:
+                length, cmd, sent, eid, amount = _unpack_claim_result(buf)
+                if length == size and cmd == _CLAIM_RESULT_CMD:
+                    self._buf = b""
+                    return (_new(ClaimResult, (eid, amount, sent)),)
         if self.phase is _CLOSED:
             raise self._closed()
         events: list[tuple] = []
