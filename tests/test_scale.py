@@ -61,8 +61,8 @@ def test_bounded_scale_run(tmp_path):
     assert [p["name"] for p in plan] == [r["phase"] for r in result["phases"]]
     assert all(a["end"] == b["start"] for a, b in itertools.pairwise(plan))
     assert result["connected"] == CONNECTIONS
-    assert result["ticks"] == scale.TICKS and result["quiet_ms"] == 100
-    assert f"{scale.TICKS} ticks a second, the last 100 ms quiet" in done.stdout
+    assert result["ticks"] == scale.TICKS and result["quiet_ms"] == 200
+    assert f"{scale.TICKS} ticks a second, the last 200 ms quiet" in done.stdout
     assert result["held"]["dropped"] == 0
     assert result["held"]["server_lowest"] == CONNECTIONS
     assert result["ledger"]["balanced"]
