@@ -159,3 +159,23 @@ def test_a_timeline_restarted_from_upcoming_agrees_from_then_on(changes, now):
     whole = Timeline(changes)
     restarted = Timeline(whole.upcoming(now))
     assert [restarted.at(t) for t in range(now, 60)] == [whole.at(t) for t in range(now, 60)]
+
+
+def test_one_process_can_send_its_hosts_whole_rate_in_a_second_and_is_not_capped_below_it():
+    """The window of a second is contiguous in the host's positions: at one million
+    (58,823 users a host, three processes, 1,765/s) some seconds fall wholly in one
+    process's range. Its closed-loop cap must let it have that second unanswered (capped at
+    its third of the rate, a process catching up after a stall skipped users)."""
+    from app.client.worker import outstanding_cap
+
+    n, qps, ticks, quiet = 58_823, 1_765, 10, 2
+    parts = split(n, 3)
+    busiest = 0
+    for dt in range(40):  # the window sweeps the range every n/qps = 33 s
+        for a, b in parts:
+            sent = sum(hi - lo for k in range(ticks)
+                       for lo, hi in clip(*tick_span(T0 + dt, k, qps, n, ticks, "even", quiet),
+                                          n, a, b))
+            busiest = max(busiest, sent)
+    assert busiest == qps
+    assert outstanding_cap(qps) >= busiest
