@@ -74,6 +74,11 @@ def _quiet_ms(value: str) -> int:
     return n
 
 
+def _auto_quiet_ms(value: str) -> int:
+    """'auto' (-1: the scale bench picks by its ticks) or ``_quiet_ms``."""
+    return -1 if str(value) == "auto" else _quiet_ms(value)
+
+
 def _seconds(value: str) -> float:
     n = float(value)
     if n <= 0:
@@ -253,13 +258,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ticks", _auto_count, "auto", "pacing ticks per second, of the clients and of "
             "the floor; 'auto': 20, or 10 from 500,000 connections (see README: Benchmarks)",
             Z),
-    # 200, not the agent's 100: 17-68 client processes niced on the server's two cores
-    # stall 150-350 ms now and then; at 200k / 60,000/s with 100 ms every one of six 40 s
-    # runs had requests sent after their second (394-2,558, 94.9% of seconds), with 200 ms
-    # two of two had none (100.0%; README: Benchmarks, "Results this round")
-    Setting("quiet_ms", _quiet_ms, "200", "ms at the end of each second in which no tick "
-            "sends, of the clients and of the floor (at least; whole ticks): slack for a pacer "
-            "late on the shared box (see README: Benchmarks)", Z),
+    # 'auto': 200 at 20 ticks, 100 at 10 (app.bench.scale.auto_quiet_ms)
+    Setting("quiet_ms", _auto_quiet_ms, "auto", "ms at the end of each second in which no "
+            "tick sends, of the clients and of the floor (at least; whole ticks): slack for a "
+            "pacer late on the shared box; 'auto': 200 at 20 ticks a second, 100 at 10 (see "
+            "README: Benchmarks)", Z),
     Setting("ramp", _non_negative, "0", "after the phases, add this many SHAKEs/s a step "
             "(each phase_seconds long) until a step fails twice in a row; 0: no ramp", Z),
     Setting("ramp_steps", _positive, "10", "at most this many ramp steps", Z),

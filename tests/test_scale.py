@@ -38,6 +38,17 @@ def test_auto_ticks_pace_fewer_ticks_at_a_million_unless_told(argv, ticks):
     assert scale.parse([*argv, "--run-dir", "unused"]).ticks == ticks
 
 
+@pytest.mark.parametrize("argv,quiet_ms", [
+    (["--connections", "200000"], 200),  # 20 ticks
+    (["--connections", "1000000"], 100),  # 10 ticks
+    (["--connections", "200000", "--ticks", "10"], 100),
+    (["--connections", "1000000", "--ticks", "20"], 200),
+    (["--connections", "1000000", "--quiet-ms", "0"], 0),
+])
+def test_auto_quiet_end_is_200_ms_at_20_ticks_and_100_at_10_unless_told(argv, quiet_ms):
+    assert scale.parse([*argv, "--run-dir", "unused"]).quiet_ms == quiet_ms
+
+
 @pytest.mark.slow
 def test_bounded_scale_run(tmp_path):
     run_dir = tmp_path / "scale"

@@ -100,6 +100,7 @@ RAMP_ATTEMPTS = 2  # a ramp step fails when it fails this many times in a row
 
 
 TICKS, FEW_TICKS = 20, 10  # auto_ticks: below and from MANY_CONNECTIONS
+QUIET_MS_MANY_TICKS, QUIET_MS_FEW_TICKS = 200, 100  # auto_quiet_ms
 MANY_CONNECTIONS = 500_000
 EXIT_VERDICT_FAILED = 3  # exit code of a run that completed and failed its verdict
 
@@ -731,6 +732,20 @@ def auto_ticks(connections: int) -> int:
     return FEW_TICKS if connections >= MANY_CONNECTIONS else TICKS
 
 
+def auto_quiet_ms(ticks: int) -> int:
+    """The quiet end of each second when ``--quiet-ms auto``: 200 ms at 20 ticks, else 100.
+
+    17-68 client processes niced on the server's two cores stall 150-350 ms
+    now and then. At 200k (20 ticks) and 60,000/s, with 100 ms all four
+    40 s runs had requests sent after their second (394-2,558; 94.9% of
+    seconds) and with 200 ms two of two had none (100.0%). At one million
+    (10 ticks) 200 ms left 8 of 10 ticks to a second's load: 30,000/s
+    failed twice in one run and 35,000/s twice in another, where 100 ms had
+    passed up to 40,000/s (README: Benchmarks, "Results this round").
+    """
+    return QUIET_MS_MANY_TICKS if ticks >= TICKS else QUIET_MS_FEW_TICKS
+
+
 def parse(argv: list[str] | None) -> settings.Config:
     """The [scale] section of the settings table (flags, TOML, HONGBAO_SCALE_* ...)."""
     def hidden(parser: argparse.ArgumentParser) -> None:
@@ -739,6 +754,8 @@ def parse(argv: list[str] | None) -> settings.Config:
     config = settings.parse("scale", argv, description=__doc__.splitlines()[0], extra=hidden)
     if not config.ticks:
         config = config.replace(ticks=auto_ticks(config.connections))
+    if config.quiet_ms < 0:
+        config = config.replace(quiet_ms=auto_quiet_ms(config.ticks))
     if not config.run_dir:
         run_dir = ROOT / "runs" / time.strftime("scale-%Y%m%d-%H%M%S", time.gmtime())
         config = config.replace(run_dir=str(run_dir))
