@@ -68,6 +68,7 @@ from app.local.summary import (
     write_graphs,
     write_seconds,
 )
+from app.server.set_stats import SECONDS_KEPT
 
 log = logging.getLogger("hongbao.scale")
 
@@ -373,7 +374,10 @@ class ScaleRun:
         self.figures["client_rss_total_mb"] = round(after["client_rss"] / 2**20)
 
     def collect(self) -> dict[str, Any]:
-        server = get_json(self.fleet.server_api, "/stats?seconds=300", timeout=30, tries=5)
+        # every second since the first phase (the SETs keep SECONDS_KEPT of them)
+        span = int(time.time() - self.phases[0].start) + 5 if self.phases else 60
+        server = get_json(self.fleet.server_api, f"/stats?seconds={min(span, SECONDS_KEPT)}",
+                          timeout=30, tries=5)
         since = self.phases[0].start - 1 if self.phases else int(time.time())
         clients = self.fleet.client_stats(since, timeout=30)
         rows = []

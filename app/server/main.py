@@ -25,6 +25,7 @@ from app.metrics import system as sysmetrics
 from app.metrics.statsd import Metrics
 from app.server.ledger import sum_ledgers
 from app.server.service import campaign_problem
+from app.server.set_stats import SECONDS_KEPT
 from app.server.supervisor import Supervisor
 from app.shares import campaign_shares
 
@@ -102,7 +103,7 @@ def build_api(sup: Supervisor) -> Api:
 
     @api.route("/stats")
     def stats(request: Request) -> dict:
-        last = request.int_param("seconds", default=60, maximum=300)
+        last = request.int_param("seconds", default=60, maximum=SECONDS_KEPT)
         audit = request.int_param("audit", default=0, maximum=1)
         until = int(time.time())
         since = until - last
