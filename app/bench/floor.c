@@ -150,7 +150,7 @@ static int server(int port, const char *out, long groups) {
     fflush(stdout);
 
     struct epoll_event events[BATCH];
-    unsigned char inb[4096], outb[(4096 + 64) / 16 * 28 + 28];  /* a partial frame kept: < 64 B */
+    unsigned char inb[4096], outb[4096 / 16 * 28 + 28];
     while (!stopping) {
         int n = epoll_wait(ep, events, BATCH, 500);
         if (n < 0) continue;  /* EINTR: the loop checks stopping */

@@ -111,6 +111,7 @@ COALESCE = 0.010
 # of a 30,000/s phase the SETs could not keep up with.
 OUTSTANDING_SECONDS = 1.0
 MIN_OUTSTANDING = 100
+MAX_CATCH_UP = 2  # seconds of missed ticks we still send (stamped with their own second)
 
 
 def outstanding_cap(host_qps: int) -> int:
@@ -126,7 +127,7 @@ def outstanding_cap(host_qps: int) -> int:
     processes x a second of a host's rate is 3 s of the fleet's rate.
     """
     return max(MIN_OUTSTANDING, int(host_qps * OUTSTANDING_SECONDS))
-MAX_CATCH_UP = 2  # seconds of missed ticks we still send (stamped with their own second)
+
 
 DOWN, CONNECTING, LOGGING_IN, READY = range(4)
 ERROR_EVENTS = select.EPOLLERR | select.EPOLLHUP

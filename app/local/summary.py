@@ -324,7 +324,7 @@ def loop_lag_seconds(worst_by_second: list[float]) -> dict[str, Any]:
     whole machine stalls 100-200 ms every few seconds); how many seconds
     stayed under the target, and the median second, say how the loop ran.
     """
-    lags = sorted(worst_by_second)
+    lags = worst_by_second
     return {"loop_lag_seconds": len(lags),
             "loop_lag_under_target": sum(lag < LAG_TARGET_MS for lag in lags),
             "loop_lag_p50_ms": round(statistics.median(lags), 1) if lags else None}
