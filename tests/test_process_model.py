@@ -316,6 +316,27 @@ def test_a_tick_sent_after_its_second_ended_is_counted_as_sent_late(capsys):
         assert worker.sent == {second + 1: 3} and worker.sent_late == {}
 
 
+def test_a_pacer_stall_is_counted_with_the_process_cpu_over_its_stretch(capsys):
+    """A wake-up STALL_S behind its tick is a stall; the report says how late and with what CPU."""
+    from app.client.worker import STALL_S
+
+    with connected_worker() as worker:
+        worker.last_cpu = 3.0
+        worker.note_lag(STALL_S / 2, 3.001)  # late, not stalled
+        worker.note_lag(STALL_S + 0.15, 3.011)  # 10 ms of CPU since the last wake-up
+        worker.note_lag(0.01, 3.012)
+        assert (worker.stalls, worker.last_cpu) == (1, 3.012)
+        assert worker.stall_ms == pytest.approx((STALL_S + 0.15) * 1000)
+        assert worker.stall_cpu_ms == pytest.approx(10.0)
+        capsys.readouterr()
+        worker.report(int(time.time()) - 1)
+        report = json.loads(capsys.readouterr().out.splitlines()[-1])
+        assert (report["stalls"], report["stall_ms"], report["stall_cpu_ms"]) == (
+            1, round((STALL_S + 0.15) * 1000, 3), 10.0)
+        assert report["lag_ms"] == round((STALL_S + 0.15) * 1000, 3)
+        assert (worker.stalls, worker.stall_ms, worker.stall_cpu_ms, worker.lag) == (0, 0, 0, 0)
+
+
 def test_a_worker_sends_its_second_before_the_quiet_end():
     """With ``quiet_ms`` the last ticks of a second send nothing; the others send it all."""
     with connected_worker(ticks=20, quiet_ms=100) as worker:

@@ -16,7 +16,9 @@ import sys
 import pytest
 
 from app.bench import scale
+from app.client.worker import STALL_S
 from app.local import netns
+from app.local.summary import stall_share
 from tests.serverproc import ROOT
 
 
@@ -93,6 +95,10 @@ def test_bounded_scale_run(tmp_path):
     assert phase["sent_late"] == sum(r["client_sent_late"] for r in steady)
     assert f"only after their second had ended (their pacer that late; no server serves " \
            f"those within it): {QPS // 1000}k {phase['sent_late']:,}" in done.stdout
+    # pacers that fell behind a tick, with their own CPU meanwhile (why they were late)
+    assert phase["client_stalls"] == sum(r["client_stalls"] for r in steady)
+    assert f"client pacers stalled ({STALL_S * 1000:.0f} ms or more behind a tick): " \
+           f"{QPS // 1000}k {stall_share(phase)}" in done.stdout
     assert "table" not in result and "bytes_per_connection" in result
 
 

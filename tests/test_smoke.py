@@ -16,6 +16,7 @@ from app.local.summary import (
     build_seconds,
     ledger_check,
     phase_summary,
+    stall_share,
     summarise,
     verdict,
 )
@@ -25,7 +26,8 @@ T = 1_795_000_000
 KEYS = {"t", "target_qps", "server_served", "client_served", "server_arrived",
         "server_by_result", "client_answered", "client_sent", "client_sent_late",
         "server_scheduled", "client_skipped", "connections", "client_connections",
-        "loop_lag_ms", "client_lag_ms", "gc_pause_ms", "gc_cpu_ms", "net", "server_cpu_seconds",
+        "loop_lag_ms", "client_lag_ms", "client_stalls", "client_stall_ms",
+        "client_stall_cpu_ms", "gc_pause_ms", "gc_cpu_ms", "net", "server_cpu_seconds",
         "client_cpu_seconds", "server_rss_bytes", "client_rss_bytes", "envelopes_generated",
         "envelopes_granted", "group_claimed", "amount_generated", "amount_granted",
         "latency_p50_ms", "latency_p99_ms"}
@@ -48,6 +50,8 @@ def fake_run(served: list[int], target: int = 1000, latency_us: int = 40_000,
         {"second": t, "target": target // 2, "sent": target // 2, "answered": n // 2 + 3,
          "served": n // 2, "results": {"15": n // 2, "17": 3}, "connections": 50,
          "lag_ms": 10.0 * (h + 1) + i,
+         # every other second each host's pacers stalled once: 200 ms behind, 5 ms of CPU a host
+         "stalls": i % 2, "stall_ms": 200.0 * (i % 2), "stall_cpu_ms": 5.0 * (h + 1) * (i % 2),
          "sent_late": late[i],
          "hist": {str(bucket(latency_us)): target // 2}}
         for i, (t, n) in enumerate(zip(seconds, served, strict=True))]} for h in range(2)]
@@ -162,6 +166,17 @@ def test_phase_resources_come_from_the_records():
     assert row["client_bytes_per_connection"] == 50_000
     assert (row["loop_lag_max_ms"], row["gc_pause_max_ms"]) == (5.5, 1.0)
     assert row["client_lag_max_ms"] == 24.0  # host 1's lag in the phase's last second
+
+
+def test_client_pacer_stalls_are_summed_over_hosts_and_steady_seconds():
+    rows = fake_run([1000] * 5)
+    assert [r["client_stalls"] for r in rows] == [0, 2, 0, 2, 0]  # both hosts, odd seconds
+    assert [r["client_stall_cpu_ms"] for r in rows] == [0.0, 15.0, 0.0, 15.0, 0.0]
+    row = phase_summary(Phase("p", 1000, T, T + 5), rows)  # steady: T+1..T+4
+    assert (row["client_stalls"], row["client_stall_ms"], row["client_stall_cpu_ms"]) == (
+        4, 800.0, 30.0)
+    assert stall_share(row) == "4 (0.8 s behind in all, their own CPU 4% of it)"
+    assert stall_share({"client_stalls": 0, "client_stall_ms": 0.0}) == "0"
 
 
 def test_ledger_check_wants_the_equation_in_count_and_amount():

@@ -51,6 +51,7 @@ from app import hotpath, settings
 from app.bench import cpu, floor
 from app.bench.cpu import rss_bytes, tree
 from app.client.histogram import Histogram
+from app.client.worker import STALL_S
 from app.local import netns
 from app.local.runner import ROOT, LocalFleet, get_json, progress
 from app.local.summary import (
@@ -63,6 +64,7 @@ from app.local.summary import (
     percent,
     phase_summary,
     served,
+    stall_share,
     verdict,
     verdict_lines,
     write_graphs,
@@ -625,6 +627,8 @@ def print_table(result: dict[str, Any]) -> str:
     if late:
         lines.append("sent by the clients only after their second had ended (their pacer "
                      "that late; no server serves those within it): " + ", ".join(late))
+        lines.append(f"client pacers stalled ({STALL_S * 1000:.0f} ms or more behind a tick): "
+                     + ", ".join(f"{r['phase']} {stall_share(r)}" for r in f.get("phases", [])))
         lines.append("SETs' loop lag, each second by its worst tick: " + ", ".join(
             f"{r['phase']} {lag_share(r)}" for r in f.get("phases", [])))
     ramp = f.get("ramp")

@@ -65,7 +65,8 @@ CLOCK_INTERVAL = 10.0  # seconds between clock-offset measurements
 STOP_TIMEOUT = 3.0  # seconds a worker has to exit after "stop" before it is killed
 COUNTERS = ("sent", "skipped", "answered", "served", "claims_sent", "claims_granted",
             "claim_amount", "shake_amount", "logins", "reconnects", "connects",
-            "connect_failures", "lost", "errors", "ticks_skipped", "busy", "sent_late")
+            "connect_failures", "lost", "errors", "ticks_skipped", "busy", "sent_late",
+            "stalls", "stall_ms", "stall_cpu_ms")
 
 
 class Child(Slot):

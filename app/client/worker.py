@@ -112,6 +112,10 @@ COALESCE = 0.010
 OUTSTANDING_SECONDS = 1.0
 MIN_OUTSTANDING = 100
 MAX_CATCH_UP = 2  # seconds of missed ticks we still send (stamped with their own second)
+# A pacer at least this far behind a tick has stalled: counted with the process's own CPU
+# over the stretch (``Worker.note_lag``), which tells a worker busy with its own work
+# from one that waited for a CPU.
+STALL_S = 0.100
 
 
 def outstanding_cap(host_qps: int) -> int:
@@ -222,6 +226,7 @@ class Worker:
         self.stdin = sys.stdin.fileno() if control_fd is None else control_fd
         self.ctl_buf = b""
         self.last_tick = 0
+        self.last_cpu = 0.0  # process CPU seconds at the previous wake-up (note_lag)
         self.expired_second = 0  # the second whose login timeouts were last checked
         self.stopping = False
         self.died = ""  # why a greenlet of ours died (the process then exits EXIT_DIED)
@@ -249,6 +254,9 @@ class Worker:
         self.lost = 0  # SHAKEs unanswered when their connection died
         self.errors = 0
         self.lag = 0.0  # worst lateness of a tick behind its wall-clock time (loop lag)
+        self.stalls = 0  # wake-ups STALL_S or more behind their tick ...
+        self.stall_ms = 0.0  # ... how late they were in all ...
+        self.stall_cpu_ms = 0.0  # ... and this process's CPU over their stretches
         self.ticks_skipped = 0  # ticks more than MAX_CATCH_UP late, not sent (starved CPU)
 
     def report(self, second: int) -> None:
@@ -266,7 +274,8 @@ class Worker:
             "connects": self.connects, "ticks_skipped": self.ticks_skipped,
             "lost": self.lost, "errors": self.errors, "connections": self.ready,
             "busy": self.busy,
-            "qps": self.qps, "lag_ms": round(self.lag * 1000, 3),
+            "qps": self.qps, "lag_ms": round(self.lag * 1000, 3), "stalls": self.stalls,
+            "stall_ms": round(self.stall_ms, 3), "stall_cpu_ms": round(self.stall_cpu_ms, 3),
         }
         sent, skipped, late = self.sent, self.skipped, self.sent_late
         self._reset_counters()
@@ -519,6 +528,22 @@ class Worker:
             self.skipped[second] = self.skipped.get(second, 0) + skipped + busy
             self.busy += busy
 
+    def note_lag(self, late: float, cpu: float) -> None:
+        """A ticking wake-up ``late`` s behind its tick, the process's CPU seconds ``cpu`` now.
+
+        The stretch since the previous wake-up (its ticks, the sleep, this
+        drain) is a stall when the pacer is ``STALL_S`` behind; its CPU over
+        the stretch says why. Measured at one million connections and
+        40,000/s: 417 of 460 stretches 200 ms or more late had used under
+        10 ms of the worker's CPU (median 6 ms): it had waited for a CPU.
+        """
+        self.lag = max(self.lag, late)
+        if late >= STALL_S:
+            self.stalls += 1
+            self.stall_ms += late * 1000
+            self.stall_cpu_ms += (cpu - self.last_cpu) * 1000
+        self.last_cpu = cpu
+
     def idle(self, next_tick: float) -> bool:
         """True when the ticks until the next second would do nothing."""
         return (not self.qps and not self.timeline.pending(self.last_tick) and not self.pending
@@ -547,7 +572,9 @@ class Worker:
             now = time.time()
             current = int(now * ticks)
             if not was_idle:  # after an idle sleep, late ticks are by design
-                self.lag = max(self.lag, now - (self.last_tick + 1) / ticks)
+                self.note_lag(now - (self.last_tick + 1) / ticks, time.process_time())
+            else:
+                self.last_cpu = time.process_time()
             if current - self.last_tick > MAX_CATCH_UP * ticks:
                 log.warning("process %d: %d ticks late, skipping them",
                             self.index, current - self.last_tick)

@@ -132,6 +132,10 @@ def build_seconds(server: dict[str, Any], clients: list[dict[str, Any]],
             "loop_lag_ms": health.get(t, {}).get("loop_lag_ms"),
             # the latest client pacer that second: requests sent late arrive late
             "client_lag_ms": max((r.get("lag_ms", 0.0) for r in rows), default=None),
+            # pacers that fell STALL_S behind a tick, how late in all, their own CPU meanwhile
+            "client_stalls": sum(r.get("stalls", 0) for r in rows),
+            "client_stall_ms": round(sum(r.get("stall_ms", 0.0) for r in rows), 3),
+            "client_stall_cpu_ms": round(sum(r.get("stall_cpu_ms", 0.0) for r in rows), 3),
             "gc_pause_ms": health.get(t, {}).get("gc_pause_ms"),
             "gc_cpu_ms": health.get(t, {}).get("gc_cpu_ms"),  # the collector's own CPU
             "net": net_rates(polled, t),
@@ -199,6 +203,9 @@ def phase_summary(phase: Phase, seconds: list[dict[str, Any]]) -> dict[str, Any]
         "scheduled_sent": sum(r.get("client_sent", 0) for r in rows),
         "scheduled_counted": sum(r.get("server_scheduled", 0) for r in rows),
         "sent_late": sum(r.get("client_sent_late", 0) for r in steady),
+        "client_stalls": sum(r.get("client_stalls", 0) for r in steady),
+        "client_stall_ms": round(sum(r.get("client_stall_ms", 0.0) for r in steady), 3),
+        "client_stall_cpu_ms": round(sum(r.get("client_stall_cpu_ms", 0.0) for r in steady), 3),
         "latency_p50_ms": hist.percentile(50), "latency_p99_ms": hist.percentile(99),
         "generated": last.get("envelopes_generated", 0) - first.get("envelopes_generated", 0),
         "granted": last.get("envelopes_granted", 0) - first.get("envelopes_granted", 0),
@@ -336,6 +343,19 @@ def lag_share(row: dict[str, Any]) -> str:
         return "-"
     return (f"{row['loop_lag_under_target']} of {row['loop_lag_seconds']} s under "
             f"{LAG_TARGET_MS:g} ms (median {row['loop_lag_p50_ms']} ms)")
+
+
+def stall_share(row: dict[str, Any]) -> str:
+    """A phase's client pacer stalls as text: "57 (12.9 s behind in all, their own CPU 4% of it)".
+
+    A small share means the workers waited for a CPU (the box was busy),
+    not that their own work took the time.
+    """
+    stalls, late_ms = row.get("client_stalls", 0), row.get("client_stall_ms", 0.0)
+    if not stalls or not late_ms:
+        return str(stalls)
+    cpu = row.get("client_stall_cpu_ms", 0.0) / late_ms
+    return f"{stalls:,} ({late_ms / 1000:.1f} s behind in all, their own CPU {cpu:.0%} of it)"
 
 
 def percent(x: float | None) -> str:
