@@ -45,6 +45,16 @@ def agent_of(users: str = "1-3") -> Agent:
     return Agent(settings.resolve("client", None, environ))
 
 
+def test_agent_sums_its_workers_stalls_into_a_statsd_counter_and_the_second():
+    agent = agent_of()
+    for p, stalls in ((0, 2), (1, 3)):
+        agent.account({"p": p, "t": 7, "stalls": stalls, "stall_ms": 250.0 * stalls,
+                       "stall_cpu_ms": 1.5 * stalls})
+    assert agent.metrics.counters["stalls"] == 5
+    assert (agent.totals["stalls"], agent.totals["stall_ms"], agent.totals["stall_cpu_ms"]) == (
+        5, 1250.0, 7.5)
+
+
 def test_agent_target_is_the_latest_change_due_not_the_last_inserted():
     agent = agent_of()
     now = int(time.time())

@@ -250,7 +250,7 @@ class Agent(Arbiter[Child]):
             self.results[code] = self.results.get(code, 0) + n
             self.metrics.incr(f"results.{code}", n)
         self.hist.merge(record.get("hist", {}))
-        for key in ("sent", "answered", "reconnects", "logins"):
+        for key in ("sent", "answered", "reconnects", "logins", "stalls"):
             self.metrics.incr(key, record.get(key, 0))
         self.metrics.incr("claims.sent", record.get("claims_sent", 0))
         self.metrics.incr("claims.granted", record.get("claims_granted", 0))
