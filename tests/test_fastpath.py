@@ -375,7 +375,6 @@ def test_read_answers_adds_a_batchs_counts_to_what_the_dicts_held():
         listener = socket.create_server(("127.0.0.1", 0))
         pairs, conns = [], []
         try:
-            wait_until_the_kernel_stamps()
             for userid in (101, 102, 103):
                 reader = socket.create_connection(listener.getsockname())
                 server, _ = listener.accept()
@@ -388,8 +387,13 @@ def test_read_answers_adds_a_batchs_counts_to_what_the_dicts_held():
                 conn.sent_at = time.time()
                 pairs.append((reader, server))
                 conns.append(conn)
-            pairs[0][1].send(RESULT.pack(28, 3, SECOND, 101, 15, 0, 0))
+            # after our readers asked for stamps: they keep them on once the helper saw one
+            # (before, the helper's own socket closing could turn them off again for a while)
+            wait_until_the_kernel_stamps()
+            if time.time() % 1 > 0.8:  # the first answer well inside the second it is stamped in
+                time.sleep(1.05 - time.time() % 1)
             first = int(time.time())
+            pairs[0][1].send(RESULT.pack(28, 3, SECOND, 101, 15, 0, 0))
             time.sleep(first + 1.02 - time.time())  # the others arrive in the next second
             pairs[1][1].send(RESULT.pack(28, 3, SECOND, 102, 14, 7, 250) * 2)
             pairs[2][1].send(RESULT.pack(28, 3, SECOND, 103, 1000, 0, 0))  # an unknown code
