@@ -331,10 +331,10 @@ def loop_lag_seconds(worst_by_second: list[float]) -> dict[str, Any]:
     whole machine stalls 100-200 ms every few seconds); how many seconds
     stayed under the target, and the median second, say how the loop ran.
     """
-    lags = worst_by_second
-    return {"loop_lag_seconds": len(lags),
-            "loop_lag_under_target": sum(lag < LAG_TARGET_MS for lag in lags),
-            "loop_lag_p50_ms": round(statistics.median(lags), 1) if lags else None}
+    return {"loop_lag_seconds": len(worst_by_second),
+            "loop_lag_under_target": sum(lag < LAG_TARGET_MS for lag in worst_by_second),
+            "loop_lag_p50_ms": (round(statistics.median(worst_by_second), 1)
+                                if worst_by_second else None)}
 
 
 def lag_share(row: dict[str, Any]) -> str:
