@@ -98,7 +98,8 @@ def test_server_counts_equal_the_sum_of_the_shares_every_second(start_server, ag
 
 def test_every_worker_is_scheduled_as_a_batch_task_and_the_agent_is_not(start_server, agents):
     """Woken by an answer a worker must not preempt the SET still writing the rest
-    (app.arbiter.batch_scheduling; measured in README's "One scheduling group")."""
+    (app.arbiter.batch_scheduling; measured in docs/benchmarks-history.rst, "One
+    scheduling group")."""
     import os
 
     server = start_server(sets=1)

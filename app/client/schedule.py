@@ -76,7 +76,7 @@ def quiet_ticks(ticks: int, quiet_ms: int) -> int:
     agents on the server's two cores, niced) get to their ticks up to a few
     hundred ms late, and a tick sent after its second has ended cannot arrive
     within it; a skewed client clock does the same on a real fleet. Measured
-    at 200k connections and 60,000/s (README, Benchmarks): with the last
+    at 200k connections and 60,000/s (docs/benchmarks-history.rst): with the last
     tick 50 ms before the second's end the clients sent 7,600-11,700 of a
     30 s phase's requests after their second, with 100 ms quiet 200-2,000.
     """
