@@ -91,6 +91,11 @@ def _coalesce(value: str) -> int | None:
     return None if str(value) == "auto" else _non_negative(value)
 
 
+def _auto_nice(value: str) -> int:
+    """'auto' (-1: the scale bench picks by its connection count) or a nice value >= 0."""
+    return -1 if str(value) == "auto" else _non_negative(value)
+
+
 def _auto_count(value: str) -> int:
     """'auto' (0: the program picks) or a positive count."""
     return 0 if str(value) == "auto" else _positive(value)
@@ -247,8 +252,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("connect_timeout", _positive, "900", "seconds for every connection to log in", Z),
     Setting("mem_floor_mb", _positive, "1536",
             "stop cleanly when MemAvailable falls below this (MiB)", Z),
-    Setting("client_nice", _non_negative, "10",
-            "nice value of the co-located client agents (0: none)", Z),
+    # 'auto': 10, or 5 from 500,000 connections (app.bench.scale.auto_client_nice)
+    Setting("client_nice", _auto_nice, "auto",
+            "nice value of the co-located client agents (0: none); 'auto': 10, or 5 from "
+            "500,000 connections (see README: Benchmarks)", Z),
     Setting("netns", _choice("auto", "yes", "no"), "auto",
             "run inside a network namespace it creates (auto: when root)", Z),
     # 20, not the agent's 100: measured (one agent, 12,000 users, 1,800/s), each tick costs a

@@ -51,6 +51,23 @@ def test_auto_quiet_end_is_200_ms_at_20_ticks_and_100_at_10_unless_told(argv, qu
     assert scale.parse([*argv, "--run-dir", "unused"]).quiet_ms == quiet_ms
 
 
+@pytest.mark.parametrize("argv,nice", [
+    (["--connections", "200000"], scale.CLIENT_NICE),
+    (["--connections", str(scale.MANY_CONNECTIONS)], scale.CLIENT_NICE_MANY),
+    (["--connections", "1000000"], scale.CLIENT_NICE_MANY),
+    (["--connections", "1000000", "--client-nice", "10"], 10),
+    (["--connections", "200000", "--client-nice", "0"], 0),
+])
+def test_auto_client_nice_is_5_at_a_million_and_10_below_unless_told(argv, nice):
+    assert scale.parse([*argv, "--run-dir", "unused"]).client_nice == nice
+
+
+def test_a_negative_client_nice_is_refused_with_the_settings_reason():
+    with pytest.raises(SystemExit) as exit_info:
+        scale.parse(["--client-nice", "-3", "--run-dir", "unused"])
+    assert exit_info.value.code == 2
+
+
 @pytest.mark.slow
 def test_bounded_scale_run(tmp_path):
     run_dir = tmp_path / "scale"
@@ -75,7 +92,8 @@ def test_bounded_scale_run(tmp_path):
     assert all(a["end"] == b["start"] for a, b in itertools.pairwise(plan))
     assert result["connected"] == CONNECTIONS
     assert result["ticks"] == scale.TICKS and result["quiet_ms"] == 200
-    assert f"{scale.TICKS} ticks a second, the last 200 ms quiet" in done.stdout
+    assert f"{scale.TICKS} ticks a second, the last 200 ms quiet, clients at nice " \
+           f"{scale.CLIENT_NICE}" in done.stdout and result["client_nice"] == scale.CLIENT_NICE
     assert result["held"]["dropped"] == 0
     assert result["held"]["server_lowest"] == CONNECTIONS
     assert result["ledger"]["balanced"]
