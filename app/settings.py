@@ -86,14 +86,9 @@ def _seconds(value: str) -> float:
     return n
 
 
-def _coalesce(value: str) -> int | None:
-    """'auto' (None: the SET picks by the SET count) or milliseconds >= 0."""
+def _auto_non_negative(value: str) -> int | None:
+    """'auto' (None: the program picks, e.g. by the SET or connection count) or an int >= 0."""
     return None if str(value) == "auto" else _non_negative(value)
-
-
-def _auto_nice(value: str) -> int:
-    """'auto' (-1: the scale bench picks by its connection count) or a nice value >= 0."""
-    return -1 if str(value) == "auto" else _non_negative(value)
 
 
 def _auto_count(value: str) -> int:
@@ -185,7 +180,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("fd_reserve", _positive, "256", "descriptors a SET keeps free for itself", S),
     Setting("journal_dir", str, "var/journal", "directory of the SET journals", S),
     Setting("login_timeout", _seconds, "10", "seconds a new connection has to LOGIN", S),
-    Setting("coalesce_ms", _coalesce, "auto", "ms of the wall-clock slots a SET reads its "
+    Setting("coalesce_ms", _auto_non_negative, "auto", "ms of the wall-clock slots a SET reads its "
             "sockets in (at the next slot start once one is readable): fewer, larger batches "
             "for up to that much latency; 'auto': longer the more SETs share the machine "
             "(see README: SETs)", S),
@@ -253,7 +248,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("mem_floor_mb", _positive, "1536",
             "stop cleanly when MemAvailable falls below this (MiB)", Z),
     # 'auto': 10, or 5 from 500,000 connections (app.bench.scale.auto_client_nice)
-    Setting("client_nice", _auto_nice, "auto",
+    Setting("client_nice", _auto_non_negative, "auto",
             "nice value of the co-located client agents (0: none); 'auto': 10, or 5 from "
             "500,000 connections (see README: Benchmarks)", Z),
     Setting("netns", _choice("auto", "yes", "no"), "auto",

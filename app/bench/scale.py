@@ -804,7 +804,7 @@ def parse(argv: list[str] | None) -> settings.Config:
         config = config.replace(ticks=auto_ticks(config.connections))
     if config.quiet_ms < 0:
         config = config.replace(quiet_ms=auto_quiet_ms(config.ticks))
-    if config.client_nice < 0:
+    if config.client_nice is None:
         config = config.replace(client_nice=auto_client_nice(config.connections))
     if not config.run_dir:
         run_dir = ROOT / "runs" / time.strftime("scale-%Y%m%d-%H%M%S", time.gmtime())
